@@ -482,7 +482,7 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
 
     from tqdm import tqdm
 
-    from kernels import check_sampling_args, sample_next_token
+    from ssd_kernels import check_sampling_args, sample_next_token
     cfg, w = model.config, model.head_weight()
     device = w.device
     ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
@@ -1011,7 +1011,7 @@ def check_config(cfg: Config):
     for ok, message in checks:
         if not ok:
             raise SSDError(message)
-    from kernels import check_sampling_args
+    from ssd_kernels import check_sampling_args
     try:
         check_sampling_args(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)  # the sampler's own rules, once
     except ValueError as e:

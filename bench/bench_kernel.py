@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import sample_next_token, sample_next_token_reference  # noqa: E402
+from ssd_kernels import sample_next_token, sample_next_token_reference  # noqa: E402
 
 CONFIGS = {  # name -> sampling parameters (the paper's data-generation setting first)
     "T=1.6 k=20 p=0.8": dict(temperature=1.6, top_k=20, top_p=0.8, min_p=0.0),

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ssd
-from kernels import sample_next_token_reference
-from kernels.triton_sampling import sample_next_token_triton
+from ssd_kernels import sample_next_token_reference
+from ssd_kernels.triton_sampling import sample_next_token_triton
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

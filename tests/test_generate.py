@@ -1,5 +1,5 @@
 """The KV-cached, continuously batched sampler: cache exactness, greedy parity with transformers, reproducible sampling
-independent of batching, refilling, and input errors. Sampled tests use kernels.sample_next_token (torch reference on
+independent of batching, refilling, and input errors. Sampled tests use ssd_kernels.sample_next_token (torch reference on
 CPU)."""
 
 import json
@@ -262,7 +262,7 @@ def test_sampling_independent_of_batching(tiny, sampled_prompts, sampled, batch_
 def test_sampled_tokens_use_sequence_id_and_position(tiny, sampled_prompts, sampled):
     """Each token of sample j of prompt i is sample_next_token on the full-forward logits of everything before it,
     with seq_ids = i * num_samples + j and positions = the position the drawn token takes in the sequence."""
-    from kernels import sample_next_token
+    from ssd_kernels import sample_next_token
     model, _ = tiny
     for i in (0, 3):
         for j in range(3):

@@ -1,4 +1,4 @@
-"""Tests for kernels/: the reference kept set against transformers' warpers, the Triton kernel (under the interpreter)
+"""Tests for ssd_kernels/: the reference kept set against transformers' warpers, the Triton kernel (under the interpreter)
 against the reference token for token, goodness of fit of the draws, and the properties of the counter-based hash.
 
 Float-borderline rows (a cumulative mass within 1e-5 of top_p, or a probability ratio within 1e-5 of min_p) can
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import filter_logits, portable_log, row_keys, sample_next_token, sample_next_token_reference, token_uniform
+from ssd_kernels import filter_logits, portable_log, row_keys, sample_next_token, sample_next_token_reference, token_uniform
 
 REPO = Path(__file__).resolve().parents[1]
 NEG_INF = float("-inf")
@@ -168,7 +168,7 @@ def test_cpu_dispatch_uses_reference():
 
 def interpreter_checks():
     """Compare the Triton kernel with the reference over many configurations; returns a list of failure strings."""
-    from kernels.triton_sampling import sample_next_token_triton
+    from ssd_kernels.triton_sampling import sample_next_token_triton
 
     gen = torch.Generator().manual_seed(1234)
     failures, rows = [], 0

@@ -1,4 +1,8 @@
-"""Sampling kernels: `sample_next_token` (Triton on CUDA, torch reference elsewhere) and the reference pieces."""
+"""ssd's kernels: `sample_next_token` (Triton on CUDA, torch reference elsewhere) and the reference pieces.
+
+Not named `kernels`: that is Hugging Face's PyPI package, which transformers imports, and a folder of that name at the
+repository root would shadow it.
+"""
 
 from .sampling import (
     check_sampling_args,
