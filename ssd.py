@@ -36,7 +36,9 @@ class SSDError(RuntimeError):
 @dataclass
 class Config:
     # Flag names follow TRL's SSD script wherever the concept is the same, so users can paste their commands.
-    # Defaults are the paper's Qwen3-4B-Instruct setup. The comment beside a field is its --help text.
+    # Defaults are the paper's Qwen3-4B-Instruct setup (its training recipe as the authors gave it in apple/ml-ssd
+    # issue #7: AdamW betas 0.9/0.95, weight decay 0.1, cosine 5e-6 -> 1e-6, 2,500 steps with 250 warmup, global
+    # batch 32). The comment beside a field is its --help text.
     model_name_or_path: str = "Qwen/Qwen3-4B-Instruct-2507"  # local model directory or hub id
     output_dir: str = "ssd-output"  # samples, training state, metrics and the final model
     seed: int = 42  # sampling seed and training data order
@@ -61,16 +63,17 @@ class Config:
     cache_tokens: int = 0  # KV-cache token budget; 0 = all rows on CPU, 80% of free memory on CUDA
     # filtering
     filter_empty: bool = True  # drop empty completions and single lines shorter than 10 characters
+    drop_truncated: bool = False  # drop completions that hit --max_completion_length without an end token
     drop_shortest: float = 0.0  # fraction of the shortest kept completions (by characters) to drop too
     sample_only: bool = False  # stop after writing samples.jsonl
     # training
     learning_rate: float = 5e-6  # peak learning rate
-    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate * min_lr_ratio
+    min_lr_ratio: float = 0.2  # the cosine decays to learning_rate * min_lr_ratio (5e-6 -> 1e-6)
     warmup_ratio: float = 0.1  # linear warmup over this fraction of the steps
     warmup_steps: int = 0  # overrides warmup_ratio when > 0
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay, on weight matrices only (never norms or biases)
     adam_beta1: float = 0.9  # AdamW beta1
-    adam_beta2: float = 0.999  # AdamW beta2
+    adam_beta2: float = 0.95  # AdamW beta2
     adam_epsilon: float = 1e-8  # AdamW epsilon
     max_grad_norm: float = 1.0  # clip the global gradient norm; 0 = no clipping
     num_train_epochs: float = 1.0  # used when max_steps <= 0
@@ -141,18 +144,25 @@ def model_config_from_hf(hf: dict, generation_config: dict | None = None, eos_to
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise SSDError(f"unsupported rope_type {rope_type!r} in config.json; supported: default, llama3")
-    heads = hf["num_attention_heads"]
+    heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
+    max_positions = hf.get("max_position_embeddings", 32768)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None  # transformers' rule
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full"
+                                      for i in range(layers)]
+    if window and window < max_positions and "sliding_attention" in types:
+        raise SSDError(f"config.json turns on sliding-window attention (use_sliding_window, a {window}-token window), "
+                       "which ssd.py does not implement; use a checkpoint with full attention")
     bias = bool(hf.get("attention_bias", False))
     return ModelConfig(
         family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"], num_heads=heads,
+        intermediate_size=hf["intermediate_size"], num_layers=layers, num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
         rope_scaling=rope if rope_type == "llama3" else None,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bias, o_bias=family != "qwen2" and bias,
-        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        max_position_embeddings=max_positions,
         eos_token_ids=list(eos_token_ids), hf_config=hf, generation_config=generation_config or {})
 
 
@@ -490,6 +500,9 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
         raise SSDError("generate() needs at least one prompt, no empty prompt, and one prompt id per prompt")
     if max_new_tokens < 1 or num_samples < 1:
         raise SSDError(f"max_new_tokens ({max_new_tokens}) and num_samples ({num_samples}) must be >= 1")
+    if max(map(len, prompts)) + max_new_tokens > cfg.max_position_embeddings:
+        raise SSDError(f"the longest prompt ({max(map(len, prompts))} tokens) + {max_new_tokens} new tokens exceeds "
+                       f"the model's max_position_embeddings ({cfg.max_position_embeddings})")
     if not greedy:
         try:
             check_sampling_args(temperature, top_k, top_p, min_p)
@@ -660,7 +673,8 @@ def apply_filters(records: list, cfg: Config) -> list:
     """Set `keep` / `drop_reason` on every record from scratch, so the result depends only on the completions."""
     for r in records:
         stub = cfg.filter_empty and is_stub(r["completion"])
-        r["keep"], r["drop_reason"] = not stub, "stub" if stub else None
+        cut = cfg.drop_truncated and r["stop"] == "length"
+        r["keep"], r["drop_reason"] = not (stub or cut), "stub" if stub else "truncated" if cut else None
     if cfg.drop_shortest > 0:  # the authors' code also dropped the shortest 10% of responses by characters
         kept = sorted((r for r in records if r["keep"]), key=lambda r: len(r["completion"]))
         for r in kept[: int(len(kept) * cfg.drop_shortest)]:
@@ -674,16 +688,32 @@ def read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in lines[:-1] if line]
 
 
-def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: int, world: int, device):
-    """Sample every prompt's completions and write samples.jsonl. Resumable."""
+def check_context(longest_prompt: int, model_dir: Path, cfg: Config, device):
+    """Stop before sampling when a completion could run past the model's context (every rank, the same verdict)."""
+    longest = torch.tensor(longest_prompt, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    limit = model_config_from_hf(json.loads((model_dir / "config.json").read_text())).max_position_embeddings
+    if int(longest) + cfg.max_completion_length > limit:
+        raise SSDError(f"the longest prompt ({int(longest)} tokens) + --max_completion_length "
+                       f"({cfg.max_completion_length}) exceeds the model's max_position_embeddings ({limit}); "
+                       "lower --max_completion_length or --max_prompt_length")
+
+
+def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: int, world: int, device, seed: int):
+    """Sample every prompt's completions with `seed` and write samples.jsonl. Resumable."""
+    from transformers import AutoTokenizer
     final = work / "samples.jsonl"
     if final.exists():
         return
-    model, tokenizer = load_model(model_path, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model_dir = resolve_model_dir(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     mine = [i for i in range(rank, len(prompts), world) if prompts[i] is not None]  # strided shares balance lengths
     ids, cut = {}, {}
     for i in mine:
         ids[i], cut[i] = format_prompt(prompts[i], tokenizer, cfg)
+    check_context(max(map(len, ids.values()), default=0), model_dir, cfg, device)  # before the weights load
+    model, _ = load_model(model_dir, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     part = work / f"samples-part{rank}-of-{world}.jsonl"
     done = read_jsonl(part)
     with open(part, "w") as f:  # rewrite what survived a crash, without any half-written last line
@@ -706,7 +736,7 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
                 f.flush()
             generate(model, [ids[i] for i in todo], max_new_tokens=cfg.max_completion_length,
                      num_samples=cfg.num_samples, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     min_p=cfg.min_p, seed=cfg.seed, prompt_ids=todo, batch_size=cfg.generation_batch_size,
+                     min_p=cfg.min_p, seed=seed, prompt_ids=todo, batch_size=cfg.generation_batch_size,
                      cache_tokens=cfg.cache_tokens, progress=rank == 0, on_finish=write)
     del model
     if device.type == "cuda":
@@ -739,14 +769,21 @@ def training_sequences(path: Path) -> tuple:
 
 def report_samples(records: list, empty_prompts: int):
     kept = [r for r in records if r["keep"]]
-    drops = {k: sum(r["drop_reason"] == k for r in records) for k in ("stub", "shortest")}
+    drops = {k: sum(r["drop_reason"] == k for r in records) for k in ("stub", "truncated", "shortest")}
     lengths = sorted(r["completion_tokens"] for r in records)
     cut = len({r["prompt_index"] for r in records if r["prompt_cut"]})
-    print(f"samples: {len(records)} | kept {len(kept)} | dropped {drops['stub']} stub + {drops['shortest']} "
-          f"shortest | {sum(r['stop'] == 'length' for r in records)} hit the length limit without an end token | "
-          f"{cut} prompts cut from the left | {empty_prompts} empty prompts skipped")
+    print(f"samples: {len(records)} | kept {len(kept)} | dropped {drops['stub']} stub + {drops['truncated']} "
+          f"truncated + {drops['shortest']} shortest | {cut} prompts cut from the left | {empty_prompts} empty "
+          "prompts skipped")
     print(f"completion tokens: mean {sum(lengths) / len(lengths):.0f}, median {lengths[len(lengths) // 2]}, "
           f"min {lengths[0]}, max {lengths[-1]}")
+
+    def capped_share(rs):  # a token-mean loss weighs samples by length: runaway samples can carry most of it
+        tokens = sum(r["completion_tokens"] for r in rs)
+        return 100 * sum(r["completion_tokens"] for r in rs if r["stop"] == "length") / max(1, tokens)
+    print(f"length-capped (no end token): {sum(r['stop'] == 'length' for r in records)} samples, "
+          f"{capped_share(records):.1f}% of all completion tokens, {capped_share(kept):.1f}% of the kept ones "
+          "(--drop_truncated drops them)")
 
 
 # ---------------------------------------------------------------- training --------------------------------------------
@@ -768,12 +805,15 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
 def adamw_step(params, grads, exp_avg, exp_avg_sq, step: int, lr: float, cfg: Config):
     """One AdamW update as torch.optim.AdamW computes it: decoupled weight decay, bias-corrected moments.
 
-    `step` counts from 1. Every tensor is a plain (local-shard) fp32 tensor.
+    `step` counts from 1. Every tensor is a plain (local-shard) fp32 tensor. Weight decay shrinks the weight matrices
+    and the embedding only: norm scales and biases (the 1-D tensors; a shard keeps its tensor's rank) are not decayed
+    towards 0, as in torchtitan and the usual no-decay parameter group.
     """
     b1, b2 = cfg.adam_beta1, cfg.adam_beta2
     bias1, bias2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
     for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
-        p.mul_(1 - lr * cfg.weight_decay)
+        if p.ndim >= 2:
+            p.mul_(1 - lr * cfg.weight_decay)
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
         p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(cfg.adam_epsilon), value=-lr / bias1)
@@ -1071,7 +1111,9 @@ def run_rounds(cfg: Config, rank: int, world: int, device):
             if rank == 0:  # a kill between the final save and this cleanup leaves the state behind
                 shutil.rmtree(work / "train_state", ignore_errors=True)
         else:
-            sample_phase(cfg, prompts, model_path, work, rank, world, device)
+            # Round r draws from seed + (r - 1) * 2^32 (the hash takes 64 bits): round 1 is the plain --seed, and a
+            # later round never replays an earlier round's random numbers.
+            sample_phase(cfg, prompts, model_path, work, rank, world, device, cfg.seed + ((r - 1) << 32))
             if cfg.sample_only:
                 if rank == 0:
                     print(f"samples written to {work / 'samples.jsonl'}")

@@ -1,6 +1,7 @@
 """Fused Triton sampling: scale, top-k, top-p, min-p and the Gumbel-max draw, without sorting and without a host sync.
 
-Semantics are those of ssd_kernels/sampling.py (the reference); under TRITON_INTERPRET=1 this returns exactly its tokens.
+Semantics are those of ssd_kernels/sampling.py (the reference); under TRITON_INTERPRET=1 this returns exactly its
+tokens.
 Every filter keeps an upper set {x >= tau} of the scaled logits x, so only thresholds are needed:
   _scan_kernel (grid B x S; S vocab splits per row fill the GPU at small batch):
     pass a (HBM): split max m_s and, for top-k, the k-th largest BLOCK maximum: a lower bound on the k-th largest

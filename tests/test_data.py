@@ -183,6 +183,36 @@ def test_report_counts_cut_prompts_once(capsys):
     assert "| 1 prompts cut from the left |" in capsys.readouterr().out
 
 
+def test_report_gives_the_share_of_tokens_from_length_capped_samples(capsys):
+    """Three of four samples end with an end token; the capped one has 60 of the 90 completion tokens."""
+    records = [{"prompt_index": i, "sample_index": 0, "keep": i != 1, "drop_reason": None if i != 1 else "stub",
+                "stop": "length" if i == 3 else "eos", "prompt_cut": False, "completion_tokens": n}
+               for i, n in enumerate([10, 5, 15, 60])]
+    ssd.report_samples(records, 0)
+    out = capsys.readouterr().out
+    assert "length-capped (no end token): 1 samples, 66.7% of all completion tokens, 70.6% of the kept ones" in out
+
+
+def test_drop_truncated_drops_length_capped_samples():
+    records = [{"completion": "print(1)\nprint(2)", "stop": stop} for stop in ("eos", "length", "eos", "length")]
+    records.append({"completion": "", "stop": "length"})  # a stub is reported as a stub
+    assert [r["keep"] for r in ssd.apply_filters(records, ssd.Config())] == [True] * 4 + [False]
+    result = ssd.apply_filters(records, ssd.Config(drop_truncated=True))
+    assert [r["drop_reason"] for r in result] == [None, "truncated", None, "truncated", "stub"]
+    assert [r["keep"] for r in result] == [True, False, True, False, False]
+    assert ssd.Config().drop_truncated is False  # the paper trains on truncated samples too
+
+
+def test_drop_truncated_in_a_run(tiny_model_dir, prompts_path, tmp_path):
+    """max_completion_length 6: most random completions hit the cap; none of them is kept."""
+    out = tmp_path / "out"
+    ssd.main(sample_argv(tiny_model_dir, prompts_path, out, "--max_completion_length", "6", "--drop_truncated",
+                         "--no-filter_empty", "--sample_only", "--max_prompts", "8"))
+    records = read_samples(out)
+    assert sum(r["stop"] == "length" for r in records) >= 4
+    assert all(r["keep"] == (r["stop"] == "eos") for r in records)
+
+
 # ---------------------------------------------------------------- the filter ------------------------------------------
 
 @pytest.mark.parametrize("text, stub", [
@@ -352,6 +382,8 @@ def run_argv(tiny_model_dir, dataset, out, *extra):
     (["--prompt_format", "markdown"], r"--prompt_format"),
     (["--chat_template_kwargs", "{enable_thinking: false}"], r"--chat_template_kwargs must be a JSON object"),
     (["--chat_template_kwargs", "[1]"], r"--chat_template_kwargs must be a JSON object"),
+    (["--max_completion_length", "2040"], r"longest prompt \(\d+ tokens\) \+ --max_completion_length \(2040\) "
+                                          r"exceeds the model's max_position_embeddings \(2048\)"),
 ])
 def test_bad_settings(extra, match, tiny_model_dir, prompts_path, tmp_path, capsys, no_model):
     expect_error(run_argv(tiny_model_dir, prompts_path, tmp_path / "out", *extra), capsys, match)

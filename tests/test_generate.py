@@ -1,6 +1,6 @@
 """The KV-cached, continuously batched sampler: cache exactness, greedy parity with transformers, reproducible sampling
-independent of batching, refilling, and input errors. Sampled tests use ssd_kernels.sample_next_token (torch reference on
-CPU)."""
+independent of batching, refilling, and input errors. Sampled tests use ssd_kernels.sample_next_token (torch
+reference on CPU)."""
 
 import json
 
@@ -345,3 +345,11 @@ def test_cache_too_small(tiny, varied):
     # Exactly one sequence's worth is enough.
     ok = ssd.generate(tiny[0], varied, max_new_tokens=8, greedy=True, cache_tokens=length, progress=False)
     assert all(len(c.tokens) == 8 or c.stop == "eos" for c in flat(ok))
+
+
+def test_sequences_past_the_context_are_refused(tiny, varied):
+    """The tiny model has 2,048 positions: rotary angles past them were never trained, so this is an error."""
+    room = tiny[0].config.max_position_embeddings - max(map(len, varied))
+    with pytest.raises(ssd.SSDError) as e:
+        ssd.generate(tiny[0], varied, max_new_tokens=room + 1, greedy=True, progress=False)
+    assert_one_line(e, "max_position_embeddings (2048)", f"+ {room + 1} new tokens")

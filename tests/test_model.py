@@ -348,6 +348,21 @@ def test_unsupported_architecture(tmp_path):
     assert_one_line(e, "unsupported architecture", "MistralForCausalLM", "qwen3", "llama")
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_sliding_window_is_refused_where_it_would_bind(family, tmp_path):
+    """transformers attends within a window on the layers at and above max_window_layers: our full attention would give
+    other logits past the window, so such a config is refused in one line. A window wider than the context never binds
+    and loads, with transformers' logits."""
+    path, _ = make_hf_model(family, tmp_path, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    with pytest.raises(ssd.SSDError) as e:
+        ssd.load_model(str(path), "cpu", torch.float32)
+    assert_one_line(e, "sliding-window", "16-token")
+    path, hf = make_hf_model(family, tmp_path / "wide", use_sliding_window=True, sliding_window=4096,
+                             max_window_layers=0)
+    model, _ = ssd.load_model(str(path), "cpu", torch.float32)
+    compare(model, hf, random_ids(1, 40, seed=3), arange_positions(1, 40), family, "wide-window", hf_positions=False)
+
+
 @pytest.mark.parametrize("legacy", [False, True])
 def test_unsupported_rope_type(legacy, tmp_path):
     path, _ = make_hf_model("llama", tmp_path, legacy_config=legacy, rope_scaling=rope_scaling())

@@ -1,5 +1,6 @@
-"""Tests for ssd_kernels/: the reference kept set against transformers' warpers, the Triton kernel (under the interpreter)
-against the reference token for token, goodness of fit of the draws, and the properties of the counter-based hash.
+"""Tests for ssd_kernels/: the reference kept set against transformers' warpers, the Triton kernel (under the
+interpreter) against the reference token for token, goodness of fit of the draws, and the properties of the
+counter-based hash.
 
 Float-borderline rows (a cumulative mass within 1e-5 of top_p, or a probability ratio within 1e-5 of min_p) can
 legitimately differ between implementations that sum in different orders; they are detected in float64 and skipped,
@@ -16,7 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_kernels import filter_logits, portable_log, row_keys, sample_next_token, sample_next_token_reference, token_uniform
+from ssd_kernels import (
+    filter_logits,
+    portable_log,
+    row_keys,
+    sample_next_token,
+    sample_next_token_reference,
+    token_uniform,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NEG_INF = float("-inf")

@@ -123,7 +123,9 @@ def test_adamw_step_matches_torch_adamw():
                               torch.nn.Linear(32, 5, bias=False))
     ours = [p.detach().clone() for p in net.parameters()]
     cfg = ssd.Config(weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8)
-    opt = torch.optim.AdamW(net.parameters(), lr=1.0, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+    groups = [{"params": [p for p in net.parameters() if p.ndim >= 2]},  # the usual no-decay group: biases (1-D)
+              {"params": [p for p in net.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1.0, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                             weight_decay=cfg.weight_decay, foreach=False)
     exp_avg = [torch.zeros_like(p) for p in ours]
     exp_avg_sq = [torch.zeros_like(p) for p in ours]
@@ -143,6 +145,38 @@ def test_adamw_step_matches_torch_adamw():
         torch.testing.assert_close(q, p.detach(), rtol=0, atol=1e-7)
         torch.testing.assert_close(m, opt.state[p]["exp_avg"], rtol=0, atol=1e-7)
         torch.testing.assert_close(v, opt.state[p]["exp_avg_sq"], rtol=0, atol=1e-9)
+
+
+def test_weight_decay_spares_norms_and_biases(tiny_model_dir, tmp_path):
+    """With a zero gradient, AdamW moves a parameter only through weight decay: every matrix of a real model (qkv
+    biases included, from Qwen2) shrinks by 1 - lr * wd, and no norm scale or bias changes at all."""
+    from helpers import make_hf_model
+    path, _ = make_hf_model("qwen2", tmp_path)
+    model, _ = ssd.load_model(str(path), "cpu", torch.float32)
+    named = dict(model.named_parameters())
+    before = {k: p.detach().clone() for k, p in named.items()}
+    params = list(named.values())
+    zeros = [torch.zeros_like(p) for p in params]
+    cfg = ssd.Config()
+    assert cfg.weight_decay == 0.1
+    ssd.adamw_step([p.data for p in params], zeros, [torch.zeros_like(p) for p in params],
+                   [torch.zeros_like(p) for p in params], 1, 1e-2, cfg)
+    spared = [k for k in named if "norm" in k or k.endswith(".bias")]
+    assert any(k.endswith("q_proj.bias") for k in spared) and any("layernorm" in k for k in spared)
+    for k, p in named.items():
+        expected = before[k] if k in spared else before[k] * (1 - 1e-2 * 0.1)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=0, msg=k)
+
+
+def test_paper_recipe_defaults():
+    """The authors' recipe (apple/ml-ssd issue #7): betas (0.9, 0.95), wd 0.1, cosine 5e-6 -> 1e-6, 2,500 steps with
+    250 warmup, global batch 32 on 8 GPUs."""
+    cfg = ssd.Config()
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.weight_decay) == (0.9, 0.95, 0.1)
+    assert (cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio) == pytest.approx((5e-6, 1e-6))
+    assert cfg.max_steps == 2500 and math.ceil(cfg.warmup_ratio * cfg.max_steps) == 250
+    assert cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * 8 == 32
+    assert ssd.lr_at(2499, 2500, cfg) == pytest.approx(1e-6, rel=1e-4)
 
 
 def test_lr_schedule():
@@ -393,6 +427,21 @@ def test_two_rounds_and_rerun_skips_them(tiny_model_dir, prompts_path, tmp_path,
     assert loaded == []  # nothing to redo: no model loaded
     assert "round 1: model already trained" in printed and "round 2: model already trained" in printed
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_each_round_draws_new_random_numbers(tiny_model_dir, prompts_path, tmp_path):
+    """At learning rate 0 round 2 samples from the very weights of round 1: with one seed for every round it would
+    replay round 1's samples token for token. Each round's seed comes from (seed, round), so they differ."""
+    out = tmp_path / "run"
+    ssd.main(base_argv(tiny_model_dir, prompts_path, rounds=2, max_prompts=8, max_completion_length=16, max_steps=1,
+                       learning_rate=0.0, temperature=1.0) + [f"--output_dir={out}"])
+    base, trained = weights(tiny_model_dir), weights(out / "round-1")
+    assert all(torch.equal(base[k], trained[k]) for k in base)  # round 2 sampled from the base model's weights
+
+    def samples(work):
+        return [json.loads(line)["completion_ids"] for line in (work / "samples.jsonl").read_text().splitlines()]
+    first, second = samples(out / "round-1"), samples(out)
+    assert sum(a != b for a, b in zip(first, second)) >= 6, (first, second)
 
 
 # ---------------------------------------------------------------- subprocess runs -------------------------------------
