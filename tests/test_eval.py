@@ -339,7 +339,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     assert proc.stderr.count("\n") == 1 and message in proc.stderr and proc.stderr.startswith("error:")
 
 
-@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("ssd", "ssd_kernels")), reason="needs ssd and ssd_kernels")
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("ssd", "ssd_kernels")),
+                    reason="needs ssd and ssd_kernels")
 def test_cli_generates_and_grades_with_the_tiny_model(tmp_path, tiny_model_dir):
     cli("--model_name_or_path", str(tiny_model_dir), "--problems", str(FIXTURES / "lcb_mini.jsonl"), "--n", "2",
         "--temperature", "0.7", "1.1", "--max_tokens", "24", "--workers", "2", "--timeout", "2", "--output_dir",
