@@ -1,9 +1,14 @@
-"""ssd's kernels: `sample_next_token` (Triton on CUDA, torch reference elsewhere) and the reference pieces.
+"""ssd's kernels: `sample_next_token` and paged decode attention (Triton on CUDA, torch reference elsewhere).
 
 Not named `kernels`: that is Hugging Face's PyPI package, which transformers imports, and a folder of that name at the
 repository root would shadow it.
 """
 
+from .paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_decode_attention_triton,
+)
 from .sampling import (
     check_sampling_args,
     filter_logits,
@@ -15,5 +20,6 @@ from .sampling import (
     token_uniform,
 )
 
-__all__ = ["check_sampling_args", "filter_logits", "portable_log", "race_keys", "row_keys", "sample_next_token",
+__all__ = ["check_sampling_args", "filter_logits", "paged_decode_attention", "paged_decode_attention_reference",
+           "paged_decode_attention_triton", "portable_log", "race_keys", "row_keys", "sample_next_token",
            "sample_next_token_reference", "token_uniform"]
