@@ -26,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ssd_kernels import check_sampling_args, paged_decode_attention, sample_next_token
+
 
 class SSDError(RuntimeError):
     """Bad input or an unusable setup: the message is one line naming the problem and the fix."""
@@ -80,7 +82,7 @@ class Config:
     max_steps: int = 2500  # optimizer steps
     per_device_train_batch_size: int = 4  # sequences per rank per accumulation step: 4 x 8 GPUs = 32 global
     gradient_accumulation_steps: int = 1  # accumulation steps per optimizer step
-    max_tokens_per_microbatch: int = 65536  # micro-batches are also bounded by tokens (rows x padded length)
+    max_tokens_per_microbatch: int = 65536  # sequences are packed into rows of at most this many tokens
     gradient_checkpointing: bool = True  # recompute each block's activations in backward
     bf16: bool = True  # bf16 compute with fp32 master weights on CUDA; CPU always runs fp32
     logging_steps: int = 1  # metrics.jsonl row every N steps
@@ -108,12 +110,13 @@ def parse_args(argv=None) -> Config:
 
 # ---------------------------------------------------------------- model -----------------------------------------------
 
-SUPPORTED_FAMILIES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+SUPPORTED_FAMILIES = {"qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "llama": "LlamaForCausalLM"}
 
 
 @dataclass
 class ModelConfig:
-    family: str  # qwen3 | qwen2 | llama
+    family: str  # qwen3 | qwen3_moe | qwen2 | llama
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -128,6 +131,11 @@ class ModelConfig:
     qkv_bias: bool  # Qwen2: biases on q, k, v
     o_bias: bool  # Llama / Qwen3 attention_bias also puts a bias on o
     max_position_embeddings: int
+    num_experts: int  # Qwen3-MoE: experts per MoE layer (0: a dense model)
+    experts_per_token: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool  # renormalise the chosen experts' router probabilities to sum to 1
+    moe_layers: list  # the layers whose MLP is a mixture of experts
     eos_token_ids: list  # every id that ends a sequence
     hf_config: dict  # the checkpoint's config.json and generation_config.json, written back on save
     generation_config: dict
@@ -153,6 +161,9 @@ def model_config_from_hf(hf: dict, generation_config: dict | None = None, eos_to
         raise SSDError(f"config.json turns on sliding-window attention (use_sliding_window, a {window}-token window), "
                        "which ssd.py does not implement; use a checkpoint with full attention")
     bias = bool(hf.get("attention_bias", False))
+    experts = hf.get("num_experts", hf.get("num_local_experts", 0)) if family == "qwen3_moe" else 0
+    moe_layers = [i for i in range(layers) if experts and i not in (hf.get("mlp_only_layers") or [])
+                  and (i + 1) % hf.get("decoder_sparse_step", 1) == 0]  # transformers' rule
     return ModelConfig(
         family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=layers, num_heads=heads,
@@ -162,7 +173,9 @@ def model_config_from_hf(hf: dict, generation_config: dict | None = None, eos_to
         rope_scaling=rope if rope_type == "llama3" else None,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or bias, o_bias=family != "qwen2" and bias,
-        max_position_embeddings=max_positions,
+        max_position_embeddings=max_positions, num_experts=experts,
+        experts_per_token=hf.get("num_experts_per_tok", 0), moe_intermediate_size=hf.get("moe_intermediate_size", 0),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)), moe_layers=moe_layers,
         eos_token_ids=list(eos_token_ids), hf_config=hf, generation_config=generation_config or {})
 
 
@@ -202,20 +215,46 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
-class KVCache:
-    """A static cache: `rows` sequences of up to `length` positions of every layer's keys and values.
+class PagedKV:
+    """The paged KV cache: one pool of fixed-size blocks holding every layer's keys and values, shared by all sequences.
 
-    A prefill forward (`prefill=True`) starts its batch rows at position 0 and stores them in cache rows `slots`.
-    A decode forward brings one token for every cache row; it attends to the first `kv_len` positions, and `mask`
-    (rows, 1, 1, kv_len) hides the positions a row has not reached.
+    Sequence s keeps its token t at block table_s[t // block_size], offset t % block_size. A forward writes the keys and
+    values of its new tokens at (`blocks`, `offsets`), one entry per token. A prefill (`tables` is None) runs whole
+    right-padded sequences through causal attention, `valid` marking their real tokens; a decode brings one token per
+    row and attends over the row's blocks `tables` (B, W) up to its length `lens` (B,).
     """
-    k: torch.Tensor  # (layers, rows, kv_heads, length, head_dim)
+    k: torch.Tensor  # (layers, blocks, kv_heads, block_size, head_dim)
     v: torch.Tensor
-    rows: torch.Tensor  # arange(rows)[:, None], the row index of a decode write
-    slots: torch.Tensor | None = None
-    prefill: bool = False
-    kv_len: int = 0
-    mask: torch.Tensor | None = None
+    blocks: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    tables: torch.Tensor | None = None
+    lens: torch.Tensor | None = None
+
+
+@dataclass
+class Documents:
+    """Training sequences packed end to end into one row, positions restarting at each: every token attends only
+    to the earlier tokens of its own sequence, so packing changes no loss and no gradient."""
+    cu_lens: torch.Tensor  # (sequences + 1,) int32: where each sequence starts, then the row's length
+    max_len: int
+    ids: torch.Tensor  # (tokens,): the sequence of each token
+
+
+def document_attention(q, k, v, docs: Documents):
+    """Causal attention inside each packed sequence; q, k, v are (1, tokens, heads, head_dim). On CUDA in bf16 or
+    fp16, flash attention's variable-length kernel (memory linear in the length); elsewhere SDPA with the
+    block-diagonal causal mask (quadratic, for CPU and fp32 runs)."""
+    gqa = k.shape[2] != q.shape[2]
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn(q[0], k[0], v[0], docs.cu_lens, docs.cu_lens, docs.max_len, docs.max_len,
+                           window_size=(-1, 0), enable_gqa=gqa)[None]
+    n = len(docs.ids)
+    mask = (docs.ids[:, None] == docs.ids[None, :]) & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       enable_gqa=gqa)
+    return y.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -226,11 +265,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.family == "qwen3":  # Qwen3 normalises every query and key head before the rotation
+        if cfg.family.startswith("qwen3"):  # Qwen3 normalises every query and key head before the rotation
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None):
+    def forward(self, x, cos, sin, positions, layout):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
@@ -238,21 +277,20 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if cache is None or cache.prefill:
-            if cache is not None:  # store the prompts' keys and values at positions 0..T-1 of their cache rows
-                cache.k[self.layer, cache.slots, :, :T] = k
-                cache.v[self.layer, cache.slots, :, :T] = v
+        if isinstance(layout, Documents):  # packed training rows
+            return self.o_proj(document_attention(q, k, v, layout).reshape(B, T, -1))
+        cache = layout
+        if cache is not None:  # store the new tokens' keys and values, (tokens, kv_heads, head_dim), in their blocks
+            new_k, new_v = (k[cache.valid], v[cache.valid]) if cache.tables is None else (k[:, 0], v[:, 0])
+            cache.k[self.layer, cache.blocks, :, cache.offsets] = new_k
+            cache.v[self.layer, cache.blocks, :, cache.offsets] = new_v
+        if cache is None or cache.tables is None:  # whole right-padded rows (a full forward, a prefill): causal
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        else:  # decode: batch row b is cache row b and brings one new token at positions[b]
-            cache.k[self.layer, cache.rows, :, positions] = k.transpose(1, 2)  # index (B, 1) <- (B, 1, kv, hd)
-            cache.v[self.layer, cache.rows, :, positions] = v.transpose(1, 2)
-            # Fold each kv head's group of query heads into the query axis: GQA without copying the cache.
-            qg = q.reshape(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
-            y = F.scaled_dot_product_attention(qg, cache.k[self.layer, :, :, :cache.kv_len],
-                                               cache.v[self.layer, :, :, :cache.kv_len], attn_mask=cache.mask)
-            y = y.reshape(B, self.n_heads, 1, self.head_dim)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            y = y.transpose(1, 2)
+        else:  # decode: each row's one query over its own blocks and length (Triton on CUDA)
+            y = paged_decode_attention(q[:, 0], cache.k[self.layer], cache.v[self.layer], cache.tables, cache.lens)
+        return self.o_proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -266,16 +304,63 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MoE(nn.Module):
+    """Qwen3-MoE's sparse MLP: a softmax router picks each token's top-k experts (their probabilities renormalised
+    when norm_topk_prob says so) and sums their SwiGLU outputs weighted by those probabilities. The experts are
+    stacked into (experts, out, in) tensors; checkpoints hold them one by one (see checkpoint_pieces)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.experts_per_token, cfg.norm_topk_prob
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate = nn.Linear(h, e, bias=False)  # the router
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))  # each expert's gate_proj rows, then up_proj's
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x):
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        probs = self.gate(x).float().softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        # Every (token, choice) pair, grouped by expert: the experts then run on contiguous slices of tokens.
+        order = experts.flatten().argsort(stable=True)
+        tokens, chosen = order // self.top_k, experts.flatten()[order]
+        counts = torch.bincount(chosen, minlength=len(self.down_proj))
+        if x.is_cuda and x.dtype == torch.bfloat16:  # one grouped matmul for all experts, no host sync
+            y = self.grouped_experts(x[tokens], chosen, counts)
+        else:  # a plain loop over the experts that have tokens (one host sync)
+            ends = counts.cumsum(0).tolist()
+            y = torch.cat([self.expert(x[tokens[a:b]], e) for e, (a, b) in enumerate(zip([0] + ends, ends)) if b > a])
+        y = y * weights.flatten()[order, None].to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, tokens, y).reshape(shape)
+
+    def expert(self, x, e: int):
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def grouped_experts(self, xs, chosen, counts, align: int = 16):
+        """F.grouped_mm over expert groups padded to multiples of `align` rows (its kernels' alignment); the padded
+        buffer has a size fixed by the shapes, so nothing waits for the counts."""
+        padded = (counts + align - 1) // align * align
+        starts, padded_starts = counts.cumsum(0) - counts, padded.cumsum(0) - padded
+        rows = padded_starts[chosen] + torch.arange(len(chosen), device=xs.device) - starts[chosen]
+        buf = xs.new_zeros(len(chosen) + align * len(counts), xs.shape[1]).index_copy_(0, rows, xs)
+        offs = padded.cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(buf, self.gate_up_proj.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)[rows]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if layer in cfg.moe_layers else MLP(cfg)
 
-    def forward(self, x, cos, sin, positions, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x, cos, sin, positions, layout=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -302,7 +387,7 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, input_ids, positions, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, input_ids, positions, layout: PagedKV | Documents | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden) for tokens at explicit per-token positions (B, T)."""
         x = self.model.embed_tokens(input_ids)
         freqs = positions[..., None].float() * self.inv_freq  # rotary angles in fp32, (B, T, head_dim/2)
@@ -310,18 +395,19 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for block in self.model.layers:
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, positions, cache, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, positions, layout, use_reentrant=False)
             else:
-                x = block(x, cos, sin, positions, cache)
+                x = block(x, cos, sin, positions, layout)
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions, cache: KVCache | None = None, targets=None) -> torch.Tensor:
+    def forward(self, input_ids, positions, layout: PagedKV | Documents | None = None, targets=None) -> torch.Tensor:
         """Logits (B, T, vocab); with `targets` (B, T, -100 = no loss) the summed cross-entropy instead.
 
-        cache=None is a plain causal forward over whole sequences (right padding never reaches a real token).
+        `layout` says how the tokens relate: None, whole causal rows (right padding never reaches a real token);
+        a PagedKV, sampling against the KV cache; Documents, packed training rows.
         The loss lives in forward so that FSDP's hooks around the root module also cover the output head.
         """
-        h = self.hidden(input_ids, positions, cache)
+        h = self.hidden(input_ids, positions, layout)
         if targets is None:
             return F.linear(h, self.head_weight())
         scored = targets != -100  # only completion tokens ever meet the vocab-size head
@@ -372,11 +458,36 @@ def end_token_ids(generation_config: dict, tokenizer) -> list:
     return list(dict.fromkeys(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])))
 
 
+def checkpoint_pieces(name: str, shape, cfg: ModelConfig) -> list:
+    """The checkpoint tensors that make up our parameter `name`, as (key, index into the parameter) pairs: one for
+    most, and one per expert (and per gate / up half) for the stacked MoE experts, which transformers stores apart."""
+    base = name.rpartition(".")[0] + ".experts."
+    if name.endswith(".mlp.gate_up_proj"):
+        i = cfg.moe_intermediate_size
+        return [(f"{base}{e}.{kind}_proj.weight", (e, slice(k * i, (k + 1) * i)))
+                for e in range(shape[0]) for k, kind in enumerate(("gate", "up"))]
+    if name.endswith(".mlp.down_proj"):
+        return [(f"{base}{e}.down_proj.weight", (e,)) for e in range(shape[0])]
+    return [(name, ())]
+
+
+def local_shard(p) -> tuple:
+    """(this rank's tensor of parameter p, the first row of the full tensor it holds): FSDP2 cuts dim 0 as
+    torch.chunk does; a plain tensor is all of itself."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(p, DTensor):
+        return p, 0
+    rows = -(-p.shape[0] // p.device_mesh.size())
+    return p.to_local(), min(p.device_mesh.get_local_rank() * rows, p.shape[0])
+
+
 @torch.no_grad()
-def load_model(name_or_path: str, device="cpu", dtype=torch.bfloat16):
+def load_model(name_or_path: str, device="cpu", dtype=torch.bfloat16, shard=None, fill: bool = True):
     """Our Transformer and the tokenizer from a Hugging Face checkpoint (single or sharded safetensors).
 
-    The model is built on the meta device and its tensors are filled file by file, so the weights are never held twice.
+    The model is built on the meta device, `shard(model)` (FSDP) may split it there, and only then is memory given to
+    each rank's part, which is read from the files slice by slice: no rank ever holds more than its shard and one
+    checkpoint tensor. fill=False leaves the memory uninitialised (a resumed run fills it from its training state).
     """
     from safetensors import safe_open
     from transformers import AutoTokenizer
@@ -393,25 +504,33 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.bfloat16):
         raise SSDError(f"{model_dir} lacks safetensors weights ({', '.join(files)}); convert the checkpoint first")
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
+        if shard is not None:
+            model = shard(model)
     model.to_empty(device=device)
     model.inv_freq = rope_inv_freq(cfg).to(device)  # to_empty left the buffer uninitialised; keep it in fp32
-    params = dict(model.named_parameters())
-    missing = set(params)  # checked at the end: every parameter must come from the files
-    for f in files:
+    targets = {}  # checkpoint key -> where it goes: (local tensor, its first row, index in the parameter, shape)
+    for name, p in model.named_parameters():
+        local, start = local_shard(p)
+        for key, where in checkpoint_pieces(name, p.shape, cfg):
+            targets[key] = (local, start, where, torch.empty(p.shape, device="meta")[where].shape)
+    for f in files if fill else []:
         with safe_open(model_dir / f, framework="pt") as st:
-            for name in st.keys():
-                if name == "lm_head.weight" and model.lm_head is None:
+            for key in st.keys():
+                if key == "lm_head.weight" and model.lm_head is None:
                     continue  # some tied checkpoints still carry a copy of the embedding
-                if name not in params:
-                    raise SSDError(f"unexpected tensor {name} in {f}: the checkpoint does not match config.json")
-                tensor = st.get_tensor(name)
-                if tensor.shape != params[name].shape:
-                    raise SSDError(f"{name} has shape {tuple(tensor.shape)} in {f} but config.json implies "
-                                   f"{tuple(params[name].shape)}")
-                params[name].copy_(tensor)
-                missing.discard(name)
-    if missing:
-        raise SSDError(f"{model_dir} is missing {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+                if key not in targets:
+                    raise SSDError(f"unexpected tensor {key} in {f}: the checkpoint does not match config.json")
+                local, start, where, shape = targets.pop(key)
+                part = st.get_slice(key)
+                if tuple(part.get_shape()) != tuple(shape):
+                    raise SSDError(f"{key} has shape {tuple(part.get_shape())} in {f} but config.json implies "
+                                   f"{tuple(shape)}")
+                if not where:  # this rank's rows of a whole parameter
+                    local.copy_(part[start:start + len(local)])
+                elif start <= where[0] < start + len(local):  # one expert, if it lives on this rank
+                    local[(where[0] - start,) + where[1:]].copy_(part[:])
+    if targets and fill:
+        raise SSDError(f"{model_dir} is missing {len(targets)} tensors, e.g. {sorted(targets)[0]}")
     return model.eval(), tokenizer
 
 
@@ -426,7 +545,8 @@ def save_model(model: Transformer, tokenizer, out_dir, state_dict=None, max_shar
     from safetensors.torch import save_file
     cfg, out = model.config, Path(out_dir)
     sd = model.state_dict() if state_dict is None else state_dict
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k != "inv_freq"}
+    tensors = {key: v.detach()[where].to("cpu").contiguous() for k, v in sd.items() if k != "inv_freq"
+               for key, where in checkpoint_pieces(k, v.shape, cfg)}  # experts one by one, as transformers has them
     tmp = out / ".tmp-save"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -458,12 +578,51 @@ def save_model(model: Transformer, tokenizer, out_dir, state_dict=None, max_shar
 
 # ---------------------------------------------------------------- batched KV-cached sampler ---------------------------
 
-PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward: bounds the activations of admitting many prompts
+KV_BLOCK = 256  # tokens per block of the paged KV cache
+PREFILL_TOKENS = 16384  # padded tokens per prefill forward: bounds the activations of admitting many prompts
+RETIRE_EVERY = 8  # decode steps the device runs between two looks of the host (retire, refill, grow, preempt)
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # CUDA: a decode batch is padded up to one of these (or to rows)
 
 
 class Completion(typing.NamedTuple):
     tokens: list  # completion token ids; the end token is included when stop == "eos"
     stop: str  # "eos": an end token was drawn; "length": max_new_tokens reached without one
+
+
+@dataclass
+class Sequence:
+    """One (prompt, sample) on its way: its tokens so far and the pool blocks that hold their keys and values."""
+    prompt: int
+    sample: int
+    seq_id: int  # keys its random draws, with the position and the token
+    order: int  # place in the queue: the sequence that came last is preempted first
+    tokens: list  # prompt + completion so far; the newest token is not in the cache yet
+    n_prompt: int
+    blocks: list = dataclasses.field(default_factory=list)
+
+
+class BlockPool:
+    """Hands out the pool's blocks with reference counts (a prompt's full blocks serve all its samples).
+    Block 0 is never handed out: padding rows and rows past their end write their keys there, and nobody reads it."""
+
+    def __init__(self, n_blocks: int):
+        self.free, self.refs = list(range(n_blocks - 1, 0, -1)), [0] * n_blocks
+
+    def take(self, n: int) -> list:
+        blocks = [self.free.pop() for _ in range(n)]
+        for b in blocks:
+            self.refs[b] = 1
+        return blocks
+
+    def share(self, blocks: list):
+        for b in blocks:
+            self.refs[b] += 1
+
+    def release(self, blocks: list):
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                self.free.append(b)
 
 
 def default_cache_tokens(model: Transformer, rows: int, length: int) -> int:
@@ -475,24 +634,112 @@ def default_cache_tokens(model: Transformer, rows: int, length: int) -> int:
     return int(0.8 * torch.cuda.mem_get_info(w.device)[0]) // per_token
 
 
+def prefill(model: Transformer, cache: PagedKV, groups: list) -> torch.Tensor:
+    """Run each group's tokens through the model once, storing keys and values in the blocks of its first sequence;
+    returns the last position's hidden state per group (the samples of a prompt form one group: one prefill)."""
+    device, bs = cache.k.device, cache.k.shape[3]
+    lens = [len(g[0].tokens) for g in groups]
+    ids = torch.zeros(len(groups), max(lens), dtype=torch.long)
+    blocks, offsets = [], []
+    for b, g in enumerate(groups):
+        ids[b, :lens[b]] = torch.tensor(g[0].tokens)
+        t = torch.arange(lens[b])
+        blocks.append(torch.tensor(g[0].blocks)[t // bs])
+        offsets.append(t % bs)
+    cache.blocks, cache.offsets = torch.cat(blocks).to(device), torch.cat(offsets).to(device)
+    cache.valid = (torch.arange(max(lens))[None] < torch.tensor(lens)[:, None]).to(device)
+    cache.tables = None
+    h = model.hidden(ids.to(device), torch.arange(max(lens), device=device).expand(len(groups), -1), cache)
+    return h[torch.arange(len(groups), device=device), torch.tensor(lens, device=device) - 1]
+
+
+def decode_step(model: Transformer, cache: PagedKV, draw, tokens, positions, tables, seq_ids) -> torch.Tensor:
+    """One token for every row, entirely on the device: feed `tokens` at `positions`, draw the next ones."""
+    bs = cache.k.shape[3]
+    cache.tables, cache.lens = tables, positions + 1
+    cache.blocks, cache.offsets = tables.gather(1, (positions // bs)[:, None])[:, 0], positions % bs
+    logits = model(tokens[:, None], positions[:, None], cache)[:, -1]
+    return draw(logits, seq_ids, positions + 1)
+
+
+class GraphedDecode:
+    """CUDA: the decode step captured once per padded batch size as a CUDA graph, then replayed: a step launches one
+    graph instead of hundreds of kernels from Python. Inputs live in static buffers; padding rows point at block 0."""
+
+    def __init__(self, step, width: int, rows: int, device):
+        self.step, self.width, self.device, self.graphs, self.pool = step, width, device, {}, None
+        self.sizes = sorted({s for s in GRAPH_BATCHES if s < rows} | {rows})
+
+    def __call__(self, tokens, positions, tables, seq_ids, steps: int) -> torch.Tensor:
+        n = len(tokens)
+        size = next(s for s in self.sizes if s >= n)
+        if size not in self.graphs:
+            self.capture(size)
+        graph, buf = self.graphs[size]
+        for name, value in (("tokens", tokens), ("positions", positions), ("seq_ids", seq_ids)):
+            buf[name].zero_()
+            buf[name][:n] = value
+        buf["tables"].zero_()
+        buf["tables"][:n, :tables.shape[1]] = tables
+        out = torch.empty(steps, n, dtype=torch.long, device=self.device)
+        for s in range(steps):
+            graph.replay()
+            out[s] = buf["tokens"][:n]
+        return out
+
+    def capture(self, size: int):
+        buf = {name: torch.zeros(size, dtype=torch.long, device=self.device) for name in ("tokens", "positions",
+                                                                                           "seq_ids")}
+        buf["tables"] = torch.zeros(size, self.width, dtype=torch.int32, device=self.device)
+
+        def body():
+            buf["tokens"].copy_(self.step(buf["tokens"], buf["positions"], buf["tables"], buf["seq_ids"]))
+            buf["positions"].add_(1)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm up outside the capture: Triton compiles, workspaces are allocated
+            body()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            body()
+        self.pool = graph.pool()  # every batch size's graph shares one memory pool
+        self.graphs[size] = (graph, buf)
+
+
+def eager_decode(step):
+    """CPU (and anywhere without CUDA graphs): the same steps, launched from Python."""
+    def run(tokens, positions, tables, seq_ids, steps: int) -> torch.Tensor:
+        out = []
+        for _ in range(steps):
+            tokens = step(tokens, positions, tables, seq_ids)
+            positions = positions + 1
+            out.append(tokens)
+        return torch.stack(out)
+    return run
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False,
              seed: int = 0, prompt_ids: list | None = None, batch_size: int = 64, cache_tokens: int = 0,
-             eos_token_ids: list | None = None, progress: bool = True, on_finish=None) -> list:
+             block_size: int = KV_BLOCK, eos_token_ids: list | None = None, progress: bool = True, on_finish=None,
+             stats: dict | None = None) -> list:
     """Sample `num_samples` completions for each tokenized prompt; returns result[prompt][sample] = Completion.
 
-    Continuous batching over a static KV cache: every cache row holds one sequence; a row whose sequence ends is
-    refilled with the next waiting (prompt, sample) at once, so one long completion never holds finished rows hostage.
-    Sample j of prompt i draws its random numbers from (seed, prompt_ids[i] * num_samples + j, position, token), so it
-    does not depend on the batch size, the cache row it lands in, or which rank generates it.
-    `on_finish(prompt, sample, completion)` is called as each completion ends, for callers that write as they go.
+    A paged engine: keys and values live in blocks of one pool (`cache_tokens` tokens), taken as sequences grow and
+    returned as they end, so a row costs only what it has written. Up to `batch_size` sequences decode together;
+    finished ones are retired every RETIRE_EVERY steps and their rows refilled from the queue at once. The samples of
+    a prompt share its blocks: one prefill per prompt. When the pool runs dry the sequence that came last is
+    preempted (its blocks freed, its tokens kept) and later resumed by one prefill of everything it has.
+    Sample j of prompt i draws its random numbers from (seed, prompt_ids[i] * num_samples + j, position, token), so
+    it does not depend on the batch, the blocks it lands in, preemption, or which rank generates it.
+    `on_finish(prompt, sample, completion)` is called as each completion ends; `stats`, when given, receives the
+    decode steps, mean and peak rows resident, preemptions, prefilled tokens, completion tokens and seconds.
     """
     from collections import deque
 
     from tqdm import tqdm
-
-    from ssd_kernels import check_sampling_args, sample_next_token
     cfg, w = model.config, model.head_weight()
     device = w.device
     ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
@@ -500,8 +747,9 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
         raise SSDError("generate() needs at least one prompt, no empty prompt, and one prompt id per prompt")
     if max_new_tokens < 1 or num_samples < 1:
         raise SSDError(f"max_new_tokens ({max_new_tokens}) and num_samples ({num_samples}) must be >= 1")
-    if max(map(len, prompts)) + max_new_tokens > cfg.max_position_embeddings:
-        raise SSDError(f"the longest prompt ({max(map(len, prompts))} tokens) + {max_new_tokens} new tokens exceeds "
+    length = max(map(len, prompts)) + max_new_tokens
+    if length > cfg.max_position_embeddings:
+        raise SSDError(f"the longest prompt ({length - max_new_tokens} tokens) + {max_new_tokens} new tokens exceeds "
                        f"the model's max_position_embeddings ({cfg.max_position_embeddings})")
     if not greedy:
         try:
@@ -509,20 +757,16 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
         except ValueError as e:
             raise SSDError(str(e)) from None
     eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    queue = deque((i, j) for i in range(len(prompts)) for j in range(num_samples))
-    length = max(map(len, prompts)) + max_new_tokens
-    budget = cache_tokens or default_cache_tokens(model, min(batch_size, len(queue)), length)
-    n_rows = min(batch_size, len(queue), budget // length)
-    if n_rows < 1:
+    n_rows = min(batch_size, len(prompts) * num_samples)
+    per_seq = -(-length // block_size)  # blocks of the longest sequence
+    budget = cache_tokens or default_cache_tokens(model, n_rows, per_seq * block_size)
+    if budget // block_size < per_seq:
         raise SSDError(f"a KV cache of {budget} tokens holds no sequence of {length} tokens (longest prompt + new "
-                       "tokens); raise --cache_tokens or lower --max_completion_length / --max_prompt_length")
-    if n_rows < min(batch_size, len(queue)) and progress:
-        print(f"note: the KV cache budget of {budget} tokens fits {n_rows} rows of {length} tokens (longest prompt + "
-              f"new tokens), not {min(batch_size, len(queue))}; a lower --max_completion_length decodes more at once")
-    shape = (cfg.num_layers, n_rows, cfg.num_kv_heads, length, cfg.head_dim)
-    # Zeros, not empty memory: masked positions still meet V in attention's matmul, and 0 * NaN is NaN.
-    cache = KVCache(torch.zeros(shape, device=device, dtype=w.dtype), torch.zeros(shape, device=device, dtype=w.dtype),
-                    rows=torch.arange(n_rows, device=device)[:, None])
+                       f"tokens, in blocks of {block_size}); raise --cache_tokens or lower --max_completion_length / "
+                       "--max_prompt_length")
+    shape = (cfg.num_layers, budget // block_size + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
+    cache = PagedKV(torch.zeros(shape, device=device, dtype=w.dtype), torch.zeros(shape, device=device, dtype=w.dtype))
+    pool = BlockPool(shape[1])
 
     def draw(logits, seq_ids, positions):
         if greedy:
@@ -530,70 +774,117 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
         return sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                  seq_ids=seq_ids, positions=positions)
 
+    def step(*state):
+        return decode_step(model, cache, draw, *state)
+    width = -(-(length + RETIRE_EVERY) // block_size)  # a row's table: its length and a window of steps past its end
+    decode = GraphedDecode(step, width, n_rows, device) if device.type == "cuda" else eager_decode(step)
+
+    # The queue holds groups of sequences with the same tokens: the samples of a prompt, or one preempted sequence.
+    queue = deque([Sequence(i, j, ids[i] * num_samples + j, i * num_samples + j, list(p), len(p))
+                   for j in range(num_samples)] for i, p in enumerate(prompts))
     results = [[None] * num_samples for _ in prompts]
-    job = [None] * n_rows  # (prompt, sample) in each cache row, None when the row is free
-    out = [[] for _ in range(n_rows)]  # tokens drawn so far per row
-    pos = [0] * n_rows  # position of each row's newest token, which is not in the cache yet
-    tokens = torch.zeros(n_rows, dtype=torch.long, device=device)  # each row's newest token
-    seq_ids = torch.zeros(n_rows, dtype=torch.long, device=device)
-    bar = tqdm(total=len(queue), unit="completion", disable=not progress, dynamic_ncols=True)
-    t0, n_tokens = time.perf_counter(), 0
+    active = []
+    run = dict(decode_steps=0, rows=0, peak_rows=0, preemptions=0, prefill_tokens=0, tokens=0)
+    bar = tqdm(total=len(prompts) * num_samples, unit="completion", disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
 
-    def admit(rows):
-        """Prefill waiting prompts into free rows, in chunks of at most PREFILL_TOKENS padded tokens."""
-        while rows and queue:
-            chunk, longest = [], 0
-            while rows and queue and (not chunk or (len(chunk) + 1) * max(longest, len(prompts[queue[0][0]]))
-                                      <= PREFILL_TOKENS):
-                r, (i, j) = rows.pop(0), queue.popleft()
-                chunk.append(r)
-                job[r], out[r], pos[r] = (i, j), [], len(prompts[i])
-                longest = max(longest, len(prompts[i]))
-            lens = [pos[r] for r in chunk]
-            batch = torch.zeros(len(chunk), longest, dtype=torch.long)
-            for b, r in enumerate(chunk):
-                batch[b, :lens[b]] = torch.tensor(prompts[job[r][0]])
-            slots = torch.tensor(chunk, device=device)
-            cache.slots, cache.prefill = slots, True
-            h = model.hidden(batch.to(device), torch.arange(longest, device=device).expand(len(chunk), -1), cache)
-            cache.slots, cache.prefill = None, False
-            last = h[torch.arange(len(chunk), device=device), torch.tensor(lens, device=device) - 1]
-            seq_ids[slots] = torch.tensor([ids[job[r][0]] * num_samples + job[r][1] for r in chunk], device=device)
-            tokens[slots] = draw(F.linear(last, w), seq_ids[slots], torch.tensor(lens, device=device))
-            collect(chunk)
+    def append(seq, token) -> bool:
+        """Add a drawn token; retire the sequence (False) once it drew an end token or reached max_new_tokens."""
+        seq.tokens.append(token)
+        run["tokens"] += 1
+        new = seq.tokens[seq.n_prompt:]
+        if token not in eos and len(new) < max_new_tokens:
+            return True
+        pool.release(seq.blocks)
+        results[seq.prompt][seq.sample] = Completion(new, "eos" if token in eos else "length")
+        if on_finish is not None:
+            on_finish(seq.prompt, seq.sample, results[seq.prompt][seq.sample])
+        bar.update(1)
+        return False
 
-    def collect(rows):
-        """Append each row's newest token (one host sync) and retire the rows whose sequence ended."""
-        nonlocal n_tokens
-        new = tokens[torch.tensor(rows, device=device)].tolist()
-        for r, t in zip(rows, new):
-            out[r].append(t)
-            n_tokens += 1
-            if t in eos or len(out[r]) == max_new_tokens:
-                i, j = job[r]
-                results[i][j] = Completion(out[r], "eos" if t in eos else "length")
-                job[r] = None
-                if on_finish is not None:
-                    on_finish(i, j, results[i][j])
-                bar.update(1)
+    def blocks_needed(n_tokens: int, n_prompt: int) -> int:
+        """Blocks a sequence of n_tokens (the newest one not cached yet) writes into by the end of the next window."""
+        return -(-min(n_tokens - 1 + RETIRE_EVERY, n_prompt + max_new_tokens) // block_size)
+
+    def admit():
+        """Move waiting groups into free rows while the blocks they and the running rows need next fit; prefill them
+        in chunks. A group's full blocks are shared; each sequence owns its partial last block and what it grows."""
+        reserve = sum(blocks_needed(len(s.tokens), s.n_prompt) - len(s.blocks) for s in active)
+        chunk, padded = [], 0
+        while queue and len(active) + sum(map(len, chunk)) < n_rows:
+            group, n = queue[0], len(queue[0][0].tokens)
+            full, partial = n // block_size, -(-n // block_size) - n // block_size
+            own = blocks_needed(n + 1, group[0].n_prompt) - full  # after its first token is drawn
+            fit = min(len(group), n_rows - len(active) - sum(map(len, chunk)),
+                      max(0, len(pool.free) - reserve - full) // own)
+            if fit < 1 or chunk and (len(chunk) + 1) * max(padded, n) > PREFILL_TOKENS:
+                break
+            take, group[:fit] = group[:fit], []
+            if not group:
+                queue.popleft()
+            shared = pool.take(full)
+            for k, seq in enumerate(take):
+                if k:
+                    pool.share(shared)
+                seq.blocks = shared + pool.take(partial)
+            reserve += fit * (own - partial)
+            chunk.append(take)
+            padded = max(padded, n)
+        if not chunk:
+            return
+        last = prefill(model, cache, chunk)
+        for group in chunk:  # the partial last block was written for the first sample: copy it for the others
+            if len(group) > 1 and len(group[0].tokens) % block_size:
+                src, dst = group[0].blocks[-1], [s.blocks[-1] for s in group[1:]]
+                cache.k[:, dst], cache.v[:, dst] = cache.k[:, [src]], cache.v[:, [src]]
+        run["prefill_tokens"] += sum(len(g[0].tokens) for g in chunk)
+        rows = torch.tensor([b for b, g in enumerate(chunk) for _ in g], device=device)
+        seqs = [s for g in chunk for s in g]
+        first = draw(F.linear(last[rows], w), torch.tensor([s.seq_id for s in seqs], device=device),
+                     torch.tensor([len(s.tokens) for s in seqs], device=device)).tolist()
+        active.extend(s for s, t in zip(seqs, first) if append(s, t))
+        admit()  # the chunk limit may have stopped it with rows and blocks to spare
+
+    def grow():
+        """Give every row the blocks of its next window, preempting the last-come sequences while they do not fit."""
+        def need(seq):
+            return blocks_needed(len(seq.tokens), seq.n_prompt) - len(seq.blocks)
+        while sum(map(need, active)) > len(pool.free):
+            victim = max(active, key=lambda s: s.order)
+            active.remove(victim)
+            pool.release(victim.blocks)
+            victim.blocks = []
+            queue.appendleft([victim])
+            run["preemptions"] += 1
+        for seq in active:
+            seq.blocks += pool.take(need(seq))
 
     while True:
-        admit([r for r in range(n_rows) if job[r] is None])
-        active = [r for r in range(n_rows) if job[r] is not None]
+        admit()
+        grow()
         if not active:
             if queue:
                 continue  # every sequence just admitted ended at its first token
             break
-        positions = torch.tensor([pos[r] if job[r] is not None else 0 for r in range(n_rows)], device=device)
-        cache.kv_len = max(pos[r] for r in active) + 1
-        cache.mask = (torch.arange(cache.kv_len, device=device) <= positions[:, None])[:, None, None, :]
-        logits = model(tokens[:, None], positions[:, None], cache)[:, -1]
-        tokens.copy_(draw(logits, seq_ids, positions + 1))
-        for r in active:
-            pos[r] += 1
-        collect(active)
-        bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - t0):.0f} tok/s", refresh=False)
+        steps = min(RETIRE_EVERY, max(max_new_tokens - len(s.tokens) + s.n_prompt for s in active))
+        widest = max(len(s.blocks) for s in active)
+        host = dict(tokens=[s.tokens[-1] for s in active], positions=[len(s.tokens) - 1 for s in active],
+                    seq_ids=[s.seq_id for s in active])
+        state = [torch.tensor(host[k], device=device) for k in ("tokens", "positions")]
+        tables = torch.tensor([s.blocks + [0] * (widest - len(s.blocks)) for s in active], dtype=torch.int32)
+        if device.type != "cuda":  # a window may run past a row's blocks into block 0: widen the table to cover it
+            tables = F.pad(tables, (0, max(0, -(-(max(host["positions"]) + steps) // block_size) - widest)))
+        out = decode(*state, tables.to(device), torch.tensor(host["seq_ids"], device=device), steps).T.tolist()
+        run["decode_steps"] += steps
+        run["rows"] += steps * len(active)
+        run["peak_rows"] = max(run["peak_rows"], len(active))
+        # all() stops at a sequence's end: what a row decoded after it in the same window is dropped
+        active[:] = [seq for seq, drawn in zip(active, out) if all(append(seq, t) for t in drawn)]
+        bar.set_postfix_str(f"{run['tokens'] / (time.perf_counter() - t0):.0f} tok/s, {len(active)} rows",
+                            refresh=False)
     bar.close()
+    if stats is not None:
+        stats.update(run, rows=run["rows"] / max(1, run["decode_steps"]), seconds=time.perf_counter() - t0)
     return results
 
 
@@ -836,8 +1127,8 @@ def step_microbatches(lengths: list, step: int, cfg: Config, world: int) -> list
 
     The step's global batch is the next per_device x accumulation x world sequences of a stream of seeded per-epoch
     permutations (so data order follows from the step number alone). It is sorted by length and dealt to the ranks
-    in turn, and each rank cuts its share into micro-batches of at most per_device_train_batch_size rows and
-    max_tokens_per_microbatch padded tokens (a longer single sequence gets a micro-batch of its own).
+    in turn, and each rank packs its share, longest first, into the first micro-batch with room for it under
+    max_tokens_per_microbatch (first-fit decreasing; a longer sequence gets a micro-batch of its own).
     """
     n, size = len(lengths), cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     perms = {}
@@ -850,27 +1141,31 @@ def step_microbatches(lengths: list, step: int, cfg: Config, world: int) -> list
     batch.sort(key=lambda i: (-lengths[i], i))
     plan = []
     for rank in range(world):
-        micro = []
-        for i in batch[rank::world]:  # longest first: a micro-batch's padded length is its first sequence's
-            if micro and len(micro[-1]) < cfg.per_device_train_batch_size and \
-                    (len(micro[-1]) + 1) * lengths[micro[-1][0]] <= cfg.max_tokens_per_microbatch:
-                micro[-1].append(i)
-            else:
-                micro.append([i])
+        micro, room = [], []
+        for i in batch[rank::world]:
+            fits = next((m for m in range(len(micro)) if room[m] >= lengths[i]), None)
+            if fits is None:
+                micro.append([]), room.append(cfg.max_tokens_per_microbatch)
+                fits = len(micro) - 1
+            micro[fits].append(i)
+            room[fits] -= lengths[i]
         plan.append(micro)
     return plan
 
 
-def collate(seqs: list, device):
-    """Right-padded input ids, positions and targets (-100 on the prompt, the padding and the last position)."""
-    width = max(len(ids) for ids, _ in seqs)
-    inputs = torch.zeros(len(seqs), width, dtype=torch.long)
-    targets = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for b, (ids, n_prompt) in enumerate(seqs):
-        inputs[b, :len(ids)] = torch.as_tensor(ids)
-        targets[b, n_prompt - 1:len(ids) - 1] = torch.as_tensor(ids[n_prompt:])  # position t predicts token t + 1
-    positions = torch.arange(width).expand(len(seqs), -1)
-    return inputs.to(device), positions.to(device), targets.to(device)
+def pack(seqs: list, device) -> tuple:
+    """One row of (ids, prompt length) sequences end to end: input ids, positions restarting at each sequence,
+    targets (-100 on the prompts and on each sequence's last position) and the Documents that keep them apart."""
+    ids = torch.cat([torch.as_tensor(s, dtype=torch.long) for s, _ in seqs])
+    lens = torch.tensor([len(s) for s, _ in seqs])
+    starts = lens.cumsum(0) - lens
+    positions = torch.arange(len(ids)) - starts.repeat_interleave(lens)
+    targets = torch.full_like(ids, -100)
+    for (s, n_prompt), start in zip(seqs, starts.tolist()):  # position t predicts token t + 1 of its own sequence
+        targets[start + n_prompt - 1:start + len(s) - 1] = ids[start + n_prompt:start + len(s)]
+    docs = Documents(F.pad(lens.cumsum(0), (1, 0)).to(device, torch.int32), int(lens.max()),
+                     torch.arange(len(seqs)).repeat_interleave(lens).to(device))
+    return ids[None].to(device), positions[None].to(device), targets[None].to(device), docs
 
 
 def shard_model(model: Transformer, cfg: Config, device):
@@ -922,6 +1217,11 @@ def load_state(path: Path, rank: int, world: int):
     return None
 
 
+def peak_host_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int, world: int, device):
     """Fine-tune on (ids, prompt length) sequences with a token-mean cross-entropy, then save the model to `work`."""
     import gc
@@ -930,14 +1230,20 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
     lengths = [len(ids) for ids, _ in seqs]
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * len(seqs) / per_step)
-    model, tokenizer = load_model(model_path, device, torch.float32)
+    state_dir, metrics_path = work / "train_state", work / "metrics.jsonl"
+    start, state = 0, load_state(state_dir, rank, world)
+    # Sharded on the meta device, then each rank reads its own slices of the checkpoint (a resumed run: of its state).
+    model, tokenizer = load_model(model_path, device, torch.float32, shard=lambda m: shard_model(m, cfg, device),
+                                  fill=state is None)
     model.checkpointing = cfg.gradient_checkpointing
-    model = shard_model(model.train(), cfg, device)
+    model.train()
     params = list(model.parameters())  # FSDP DTensors: the optimizer works on each rank's shard, p.to_local()
     exp_avg = [torch.zeros_like(p.to_local()) for p in params]
     exp_avg_sq = [torch.zeros_like(p.to_local()) for p in params]
-    state_dir, metrics_path = work / "train_state", work / "metrics.jsonl"
-    start, state = 0, load_state(state_dir, rank, world)
+    shard_gb = sum(p.to_local().nbytes for p in params) / 2**30
+    print(f"[rank {rank}] {shard_gb:.2f} GB of fp32 weights on this rank; peak memory so far: host "
+          f"{peak_host_gb():.2f} GB" + (f", device {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
+                                        if device.type == "cuda" else ""))
     if state is not None:
         with torch.no_grad():
             for dst, src in zip([p.to_local() for p in params] + exp_avg + exp_avg_sq,
@@ -950,6 +1256,9 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
         kept = [m for m in read_jsonl(metrics_path) if m["step"] <= start]
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
     mcfg, n_params = model.config, sum(p.numel() for p in params)
+    if mcfg.num_experts:  # MoE: a token meets only experts_per_token of the experts
+        stacked = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".gate_up_proj", ".down_proj")))
+        n_params -= stacked * (1 - mcfg.experts_per_token / mcfg.num_experts)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and
                  k in torch.cuda.get_device_name(device)), None)
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True, unit="step")
@@ -961,8 +1270,8 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
         loss_sum = torch.zeros((), device=device)
         for k in range(max(len(micro) for micro in plan)):  # every rank runs as many passes: FSDP's collectives
             mine = plan[rank][k] if k < len(plan[rank]) else None
-            inputs, positions, targets = collate([seqs[i] for i in mine] if mine else [([0, 0], 1)], device)
-            loss = model(inputs, positions, targets=targets)
+            inputs, positions, targets, docs = pack([seqs[i] for i in mine] if mine else [([0, 0], 1)], device)
+            loss = model(inputs, positions, docs, targets=targets)
             (loss / n_targets * (1.0 if mine else 0.0)).backward()
             loss_sum += loss.detach() if mine else 0.0
         if dist.is_initialized():
@@ -982,7 +1291,8 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}", refresh=False)
         if rank == 0 and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total):
             row = {"step": step + 1, "loss": step_loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
-                   "completion_tokens": n_targets, "tokens_per_s": tokens / seconds}
+                   "completion_tokens": n_targets, "tokens_per_s": tokens / seconds, "micro_batches": len(plan[0]),
+                   "peak_host_memory_gb": peak_host_gb()}
             if device.type == "cuda":
                 attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * (tokens / len(step_seqs))  # + 6N
                 if peak:
@@ -995,11 +1305,14 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
                                    "params": [p.to_local().detach().clone() for p in params], "exp_avg": exp_avg,
                                    "exp_avg_sq": exp_avg_sq}, rank)
     bar.close()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dtype = getattr(torch, mcfg.hf_config.get("torch_dtype") or mcfg.hf_config.get("dtype") or "float32")
+    full = {}
+    for name, p in model.named_parameters():  # gathered one at a time: rank 0 holds the model once, in `dtype`
+        gathered = p.full_tensor()
+        if rank == 0:
+            full[name] = gathered.to(device="cpu", dtype=dtype)
     if rank == 0:
-        dtype = getattr(torch, mcfg.hf_config.get("torch_dtype") or mcfg.hf_config.get("dtype") or "float32")
-        save_model(model, tokenizer, work, state_dict={k: v.to(dtype) for k, v in full.items()})
+        save_model(model, tokenizer, work, state_dict=full)
         shutil.rmtree(state_dir, ignore_errors=True)
     del model, params, exp_avg, exp_avg_sq, full
     gc.collect()  # FSDP's hooks keep the model in reference cycles: free it before another round samples
@@ -1051,7 +1364,6 @@ def check_config(cfg: Config):
     for ok, message in checks:
         if not ok:
             raise SSDError(message)
-    from ssd_kernels import check_sampling_args
     try:
         check_sampling_args(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)  # the sampler's own rules, once
     except ValueError as e:

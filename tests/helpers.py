@@ -14,6 +14,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 TINY_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "tiny-qwen3"
@@ -50,6 +52,11 @@ FAMILIES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16, rope_theta=1_000_000.0, tie_word_embeddings=True)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(rope_theta=1_000_000.0, tie_word_embeddings=False)),
     "llama": (LlamaConfig, LlamaForCausalLM, dict(head_dim=16, rope_theta=500_000.0, tie_word_embeddings=False)),
+    # Qwen3-30B-A3B's choices, scaled down: untied, renormalised top-k router probabilities, every layer sparse.
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(head_dim=16, rope_theta=1_000_000.0,
+                                                            tie_word_embeddings=False, num_experts=8,
+                                                            num_experts_per_tok=2, moe_intermediate_size=32,
+                                                            norm_topk_prob=True)),
 }
 
 
@@ -73,9 +80,9 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 value = 0.3 * noise
             elif param.dim() == 1:  # biases
                 value = 0.2 * noise
-            else:
-                gain = 6.0 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-                value = gain * noise / param.shape[1] ** 0.5
+            else:  # matrices (out, in) and stacked experts (experts, out, in): scaled by the fan-in
+                gain = 6.0 if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) else 1.0
+                value = gain * noise / param.shape[-1] ** 0.5
             param.copy_(value.to(param.dtype))
 
 

@@ -68,30 +68,24 @@ def flat(results):
 
 # ---------------------------------------------------------------- KV cache ------------------------------------------
 
-def new_cache(model, rows, length):
+def new_cache(model, n_blocks, block_size):
     cfg = model.config
-    shape = (cfg.num_layers, rows, cfg.num_kv_heads, length, cfg.head_dim)
-    return ssd.KVCache(torch.zeros(shape), torch.zeros(shape), rows=torch.arange(rows)[:, None])
+    shape = (cfg.num_layers, n_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
+    # Finite garbage, not zeros: the pool is reused, so nothing may depend on what unused slots hold.
+    return ssd.PagedKV(torch.randn(shape) * 5, torch.randn(shape) * 5)
 
 
-def prefill(model, cache, slots, seqs):
-    """Prefill right-padded prompts into cache rows `slots` as generate() does; returns their logits."""
-    longest = max(map(len, seqs))
-    batch = torch.zeros(len(seqs), longest, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        batch[b, :len(s)] = torch.tensor(s)
-    cache.slots, cache.prefill = torch.tensor(slots), True
-    h = model.hidden(batch, torch.arange(longest).expand(len(seqs), -1), cache)
-    cache.slots, cache.prefill = None, False
-    return torch.nn.functional.linear(h, model.head_weight())
+def prefill(model, cache, seqs, blocks):
+    """Prefill token lists into their blocks as generate() does; returns the logits of each one's last position."""
+    groups = [[ssd.Sequence(0, 0, 0, 0, list(s), len(s), list(b))] for s, b in zip(seqs, blocks)]
+    return torch.nn.functional.linear(ssd.prefill(model, cache, groups), model.head_weight())
 
 
-def decode(model, cache, tokens, positions):
-    """One decode step: every cache row brings one token at its own position."""
-    positions = torch.tensor(positions)
-    cache.kv_len = int(positions.max()) + 1
-    cache.mask = (torch.arange(cache.kv_len) <= positions[:, None])[:, None, None, :]
-    return model(torch.tensor(tokens)[:, None], positions[:, None], cache)[:, -1]
+def decode(model, cache, tokens, positions, blocks):
+    """One decode step through ssd.decode_step, with a draw that hands back the logits."""
+    tables = torch.tensor([b + [0] * (max(map(len, blocks)) - len(b)) for b in blocks], dtype=torch.int32)
+    return ssd.decode_step(model, cache, lambda logits, *_: logits, torch.tensor(tokens), torch.tensor(positions),
+                           tables, torch.zeros(len(tokens), dtype=torch.long))
 
 
 def full_logits(model, seq):
@@ -102,9 +96,9 @@ def full_logits(model, seq):
 @pytest.mark.parametrize("which", ["tiny-qwen3", "llama-gqa4-llama3rope", "qwen2-untied"])
 @torch.no_grad()
 def test_cached_decode_matches_full_forward(which, tiny, tmp_path):
-    """Prefill rows of different lengths, decode them token by token, and refill one row mid-way with a shorter new
-    sequence (its stale cache entries beyond the new length must stay masked): every step's logits equal a full
-    forward over the whole sequence."""
+    """Prefill rows of different lengths (one exactly a block) into scattered blocks of a pool full of garbage, decode
+    them token by token, and hand one row's blocks to a shorter new sequence mid-way (the stale keys past its length
+    must stay unread): every step's logits equal a full forward over the whole sequence."""
     if which == "tiny-qwen3":
         model = tiny[0]
     else:
@@ -113,21 +107,25 @@ def test_cached_decode_matches_full_forward(which, tiny, tmp_path):
         path, _ = make_hf_model(family, tmp_path, seed=11, **overrides)
         model = ssd.load_model(str(path), "cpu", torch.float32)[0]
     g = torch.Generator().manual_seed(0)
-    lengths, steps, length = [5, 37, 19], 30, 128
+    lengths, steps, bs = [5, 37, 16], 30, 16
     seqs = [torch.randint(0, 2048, (n + steps,), generator=g).tolist() for n in lengths]
-    cache = new_cache(model, len(seqs), length)
-    logits = prefill(model, cache, [0, 1, 2], [s[:n] for s, n in zip(seqs, lengths)])
+    cache = new_cache(model, 16, bs)
+    order = torch.randperm(15, generator=g).add(1).tolist()  # scattered, out-of-order blocks (0 is the spare)
+    blocks = [order[0:3], order[3:8], order[8:11]]  # 5 + 30, 37 + 30 and 16 + 30 tokens, in blocks of 16
+    logits = prefill(model, cache, [s[:n] for s, n in zip(seqs, lengths)], blocks)
     for b, (s, n) in enumerate(zip(seqs, lengths)):
-        torch.testing.assert_close(logits[b, :n], full_logits(model, s[:n]), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(logits[b], full_logits(model, s[:n])[-1], atol=ATOL, rtol=RTOL)
     pos = list(lengths)
     fulls = [full_logits(model, s) for s in seqs]
     worst = 0.0
     for step in range(steps):
-        if step == 12:  # refill row 1 (at position 49 by now) with a new 3-token prompt, as continuous batching does
+        if step == 12:  # row 1 ends; a new 3-token prompt takes its blocks over (stale keys past its length)
             new = torch.randint(0, 2048, (3 + steps,), generator=g).tolist()
             seqs[1], pos[1], fulls[1] = new, 3, full_logits(model, new)
-            torch.testing.assert_close(prefill(model, cache, [1], [new[:3]])[0], fulls[1][:3], atol=ATOL, rtol=RTOL)
-        out = decode(model, cache, [s[p] for s, p in zip(seqs, pos)], pos)
+            blocks[1] = blocks[1][::-1]
+            torch.testing.assert_close(prefill(model, cache, [new[:3]], [blocks[1]])[0], fulls[1][2], atol=ATOL,
+                                       rtol=RTOL)
+        out = decode(model, cache, [s[p] for s, p in zip(seqs, pos)], pos, blocks)
         for b in range(len(seqs)):
             worst = max(worst, (out[b] - fulls[b][pos[b]]).abs().max().item())
             torch.testing.assert_close(out[b], fulls[b][pos[b]], atol=ATOL, rtol=RTOL)
@@ -208,7 +206,7 @@ def test_refill_keeps_order_and_calls_on_finish_once(tiny, varied, greedy_defaul
     hidden = model.hidden
 
     def spy(input_ids, positions, cache=None):
-        calls.append((cache.prefill, input_ids.shape[0]))
+        calls.append((cache.tables is None, input_ids.shape[0]))
         return hidden(input_ids, positions, cache)
 
     monkeypatch.setattr(model, "hidden", spy)
@@ -217,7 +215,7 @@ def test_refill_keeps_order_and_calls_on_finish_once(tiny, varied, greedy_defaul
     assert results == [[c] for c in alone]
     prefills = [rows for is_prefill, rows in calls if is_prefill]
     assert prefills[0] == 2 and sum(prefills) == len(varied) and 1 in prefills  # one row refilled, one decoding on
-    assert {rows for is_prefill, rows in calls if not is_prefill} == {2}  # never more than batch_size cache rows
+    assert max(rows for is_prefill, rows in calls if not is_prefill) == 2  # never more than batch_size rows
     # num_samples > 1: every (prompt, sample) finishes exactly once, in results[prompt][sample].
     finished = []
     results = ssd.generate(model, varied, num_samples=2, batch_size=2,
@@ -228,15 +226,55 @@ def test_refill_keeps_order_and_calls_on_finish_once(tiny, varied, greedy_defaul
 
 
 def test_small_cache_and_prefill_chunks_change_nothing(tiny, prompts, monkeypatch):
-    """A cache_tokens budget that fits only 3 rows, and prefill chunks of a single prompt, give the same tokens."""
+    """A pool that fits only 3 sequences, small blocks, prefill chunks of a single prompt, and any retire interval
+    give the same tokens."""
     model, _ = tiny
     some = prompts[:10]
     ref = ssd.generate(model, some, max_new_tokens=12, greedy=True, progress=False)
-    length = max(map(len, some)) + 12
-    assert ssd.generate(model, some, max_new_tokens=12, greedy=True, cache_tokens=3 * length + 5,
+    blocks = -(-(max(map(len, some)) + 12) // 16)
+    assert ssd.generate(model, some, max_new_tokens=12, greedy=True, block_size=16, cache_tokens=3 * blocks * 16,
                         progress=False) == ref
+    for every in (1, 5):
+        monkeypatch.setattr(ssd, "RETIRE_EVERY", every)
+        assert ssd.generate(model, some, max_new_tokens=12, greedy=True, batch_size=4, progress=False) == ref
     monkeypatch.setattr(ssd, "PREFILL_TOKENS", 1)
     assert ssd.generate(model, some, max_new_tokens=12, greedy=True, batch_size=4, progress=False) == ref
+
+
+def test_preempted_sequences_come_out_as_uninterrupted_ones(tiny, prompts):
+    """A pool of blocks of 16 with room for the longest sequence and 3 blocks more, for up to 8 rows: sequences are
+    preempted (their blocks freed, their tokens kept) and resumed by one prefill of everything they have; sampled
+    tokens equal a run with room."""
+    model, _ = tiny
+    some = prompts[:8]
+    kw = dict(max_new_tokens=48, num_samples=2, seed=5, progress=False, **SAMPLING)
+    ref = ssd.generate(model, some, batch_size=16, **kw)
+    stats, blocks = {}, -(-(max(map(len, some)) + 48) // 16) + 3
+    tight = ssd.generate(model, some, batch_size=8, block_size=16, cache_tokens=blocks * 16, stats=stats, **kw)
+    assert stats["preemptions"] >= 3 and tight == ref
+    assert stats["prefill_tokens"] > sum(map(len, some))  # resumed sequences were prefilled again
+
+
+def test_samples_of_a_prompt_share_one_prefill(tiny, prompts, monkeypatch):
+    """num_samples 4: each prompt is prefilled once and its blocks shared (the partial last block copied), with the
+    same completions as rows that each prefill their own copy. One prompt is exactly two blocks long."""
+    model, _ = tiny
+    some = [prompts[0][:32]] + prompts[1:5]
+    kw = dict(max_new_tokens=20, num_samples=4, seed=9, block_size=16, progress=False, **SAMPLING)
+    stats = {}
+    shared = ssd.generate(model, some, batch_size=64, stats=stats, **kw)
+    assert stats["prefill_tokens"] == sum(map(len, some)) and stats["peak_rows"] == 20
+    alone = {}
+    assert ssd.generate(model, some, batch_size=1, stats=alone, **kw) == shared
+    assert alone["prefill_tokens"] == 4 * sum(map(len, some)) and alone["peak_rows"] == 1
+    assert len({tuple(c.tokens) for c in shared[1]}) > 1  # the samples of one prompt still differ
+
+
+def test_stats_count_rows_and_tokens(tiny, varied):
+    stats = {}
+    out = ssd.generate(tiny[0], varied, max_new_tokens=12, greedy=True, batch_size=3, stats=stats, progress=False)
+    assert stats["tokens"] == sum(len(c.tokens) for c in flat(out)) and stats["preemptions"] == 0
+    assert 1 <= stats["rows"] <= stats["peak_rows"] == 3 and stats["decode_steps"] >= 12 and stats["seconds"] > 0
 
 
 # ---------------------------------------------------------------- sampling ------------------------------------------
@@ -339,11 +377,14 @@ def test_empty_prompt(tiny, varied):
 
 def test_cache_too_small(tiny, varied):
     length = len(varied[-1]) + 8
+    enough = -(-length // 16) * 16  # whole blocks of 16
     with pytest.raises(ssd.SSDError) as e:
-        ssd.generate(tiny[0], varied, max_new_tokens=8, greedy=True, cache_tokens=length - 1, progress=False)
-    assert_one_line(e, "cache", str(length - 1), str(length), "--cache_tokens")
+        ssd.generate(tiny[0], varied, max_new_tokens=8, greedy=True, block_size=16, cache_tokens=enough - 1,
+                     progress=False)
+    assert_one_line(e, "cache", str(enough - 1), str(length), "blocks of 16", "--cache_tokens")
     # Exactly one sequence's worth is enough.
-    ok = ssd.generate(tiny[0], varied, max_new_tokens=8, greedy=True, cache_tokens=length, progress=False)
+    ok = ssd.generate(tiny[0], varied, max_new_tokens=8, greedy=True, block_size=16, cache_tokens=enough,
+                      progress=False)
     assert all(len(c.tokens) == 8 or c.stop == "eos" for c in flat(ok))
 
 

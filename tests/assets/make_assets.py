@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 ASSETS_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(ASSETS_DIR), str(ASSETS_DIR.parent)]
@@ -18,6 +18,7 @@ from helpers import randomize_  # noqa: E402  (shared with make_hf_model: one we
 from prompt_texts import PROMPTS  # noqa: E402
 
 MODEL_DIR = ASSETS_DIR / "tiny-qwen3"
+MOE_DIR = ASSETS_DIR / "tiny-qwen3-moe"
 PROMPTS_PATH = ASSETS_DIR / "prompts.jsonl"
 CORPUS_PATH = ASSETS_DIR / "corpus.txt"
 
@@ -122,6 +123,21 @@ def build_model(eos_id: int, eot_id: int) -> Qwen3ForCausalLM:
     return model.eval()
 
 
+def build_moe_model(eos_id: int, eot_id: int) -> Qwen3MoeForCausalLM:
+    """Qwen3-30B-A3B's layout in miniature: every layer sparse, 8 experts of which 2 per token, renormalised
+    router probabilities, untied embeddings."""
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=eos_id, dtype="float32",
+    )
+    model = Qwen3MoeForCausalLM(config)
+    randomize_(model, SEED + 1)
+    model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=[eos_id, eot_id], pad_token_id=eot_id)
+    return model.eval()
+
+
 def prompt_records() -> list[dict]:
     records = []
     for i, (system, prompt) in enumerate(PROMPTS):
@@ -147,9 +163,12 @@ def main() -> None:
     tokenizer = train_tokenizer(texts)
     write_tokenizer(tokenizer, MODEL_DIR)
 
-    model = build_model(tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>"))
-    model.save_pretrained(MODEL_DIR, safe_serialization=True)
-    print(f"wrote {PROMPTS_PATH} and {MODEL_DIR}")
+    end_ids = tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")
+    build_model(*end_ids).save_pretrained(MODEL_DIR, safe_serialization=True)
+    MOE_DIR.mkdir(exist_ok=True)
+    write_tokenizer(tokenizer, MOE_DIR)
+    build_moe_model(*end_ids).save_pretrained(MOE_DIR, safe_serialization=True)
+    print(f"wrote {PROMPTS_PATH}, {MODEL_DIR} and {MOE_DIR}")
 
 
 if __name__ == "__main__":
