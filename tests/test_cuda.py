@@ -45,8 +45,8 @@ def test_generate_and_train_on_cuda(tiny_model_dir, prompts_path, tmp_path):
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-3), (torch.bfloat16, 0.1)])
 @torch.no_grad()
 def test_cached_greedy_decode_on_cuda_follows_the_full_forward(tiny_model_dir, prompts_path, dtype, tol):
-    """The CUDA attention backends of prefill and masked decode: every greedy token is the full forward's argmax
-    (up to `tol` of logit, for near-ties), with rows of different lengths refilled mid-run."""
+    """The CUDA attention backends of prefill (SDPA) and decode (the Triton paged kernel in a CUDA graph): every
+    greedy token is the full forward's argmax (up to `tol` of logit, for near-ties), rows refilled mid-run."""
     import json
     model, tok = ssd.load_model(str(tiny_model_dir), "cuda", dtype)
     rows = [json.loads(line) for line in open(prompts_path)][:6]
@@ -122,3 +122,56 @@ def test_paged_attention_replays_in_a_cuda_graph():
         graph.replay()
         ref = paged_decode_attention_reference(q, k, v, tables, lens)
         torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def chat_prompts(tok, prompts_path, n):
+    import json
+    rows = [json.loads(line) for line in open(prompts_path)][:n]
+    return [tok(tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False).input_ids for r in rows]
+
+
+@torch.no_grad()
+def test_graphed_decode_draws_what_eager_decode_draws(tiny_model_dir, prompts_path, monkeypatch):
+    """The CUDA graphs replay exactly the eager steps: the same samples, token for token, with a pool small enough
+    to preempt and more sequences than rows (padded graph batches, refills)."""
+    model, tok = ssd.load_model(str(tiny_model_dir), "cuda", torch.float32)
+    prompts = chat_prompts(tok, prompts_path, 12)
+    kw = dict(max_new_tokens=96, num_samples=3, temperature=1.6, top_k=20, top_p=0.8, seed=5, batch_size=20,
+              cache_tokens=6 * 512, block_size=64, progress=False)
+    stats = {}
+    graphed = ssd.generate(model, prompts, stats=stats, **kw)
+    assert stats["preemptions"] > 0
+    monkeypatch.setattr(ssd, "GraphedDecode", lambda step, width, rows, device: ssd.eager_decode(step))
+    eager = ssd.generate(model, prompts, **kw)
+    assert graphed == eager
+
+
+@torch.no_grad()
+def test_samples_on_cuda_barely_depend_on_the_batch(tiny_model_dir, prompts_path):
+    """On CPU the samples are bit-identical across batch sizes (tests/test_generate.py). On CUDA, cuBLAS may pick
+    another kernel for another batch, so a near-tie can flip; in fp32 with TF32 off that must stay rare."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tok = ssd.load_model(str(tiny_model_dir), "cuda", torch.float32)
+    prompts = chat_prompts(tok, prompts_path, 16)
+    kw = dict(max_new_tokens=64, num_samples=2, temperature=1.0, top_k=20, seed=3, progress=False)
+    runs = [ssd.generate(model, prompts, batch_size=b, **kw) for b in (1, 7, 64)]
+    same = [sum(a == b for ra, rb in zip(runs[0], r) for a, b in zip(ra, rb)) for r in runs[1:]]
+    assert min(same) >= 0.9 * len(prompts) * 2, same
+
+
+@torch.no_grad()
+def test_moe_grouped_matmul_matches_the_expert_loop():
+    """bf16 on CUDA runs the experts through F.grouped_mm over padded groups; fp32 takes the per-expert loop. The
+    same weights give the same output (bf16 rounding aside), some experts receiving no token at all."""
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(hidden_size=64, num_experts=16, experts_per_token=4, moe_intermediate_size=32,
+                          norm_topk_prob=True)
+    torch.manual_seed(0)
+    moe = ssd.MoE(cfg).cuda()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 5, 64, device="cuda")  # 10 tokens x 4 choices: at most 40 of 16 experts' slots, some empty
+    loop = moe(x)
+    grouped = moe.to(torch.bfloat16)(x.bfloat16())
+    torch.testing.assert_close(grouped.float(), loop, atol=5e-2, rtol=5e-2)
