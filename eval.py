@@ -45,9 +45,7 @@ PAPER_WINDOW = ("2025-02-01", "2025-05-31")  # the paper's LiveCodeBench contest
 class EvalError(Exception):
     """Bad input: the message is one line naming the problem and the fix."""
 
-
 # ---------------------------------------------------------------- problems --------------------------------------------
-
 # kind: "stdin" (stdin -> stdout), "functional" (call func_name with JSON arguments) or "assert" (run the test code);
 # question: what the model is asked; starter_code: LiveCodeBench starter code, or the HumanEval prompt that a
 # completion continues; tests: [(input, expected output)], for "assert" [(test code, "")].
@@ -146,9 +144,7 @@ def load_problems(source: str, release="v6", start_date=None, end_date=None, dif
                         "widen the filters")
     return problems
 
-
 # ---------------------------------------------------------------- prompts ---------------------------------------------
-
 # LiveCodeBench's chat prompt (system + user), word for word so that scores compare with published ones.
 SYSTEM_PROMPT = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
                  "generate a correct Python program that matches the specification and passes all tests. You will NOT "
@@ -159,25 +155,34 @@ FORMAT_STDIN = ("Read the inputs from stdin solve the problem and write the answ
                 "the sample inputs). Enclose your code within delimiters as follows.")
 FORMAT_FUNCTION = "Write the function the tests call and enclose your code within delimiters as follows."  # MBPP
 
-def build_messages(p: Problem) -> list:
+# --prompt_style ml-ssd, the paper authors' prompt word for word (apple/ml-ssd evaluation/benchmark.py, 15c4292): one
+# user message; stdin problems get LCB_PROMPT_WITHOUT_STARTER_CODE, the others ..._WITH_STARTER_CODE, stray '"' and all.
+ML_SSD_HEAD = SYSTEM_PROMPT.removeprefix("You are an expert Python programmer. ") + "\n\nQuestion: "
+ML_SSD_STDIN = (f"{FORMAT_STDIN} Ensure that when the python program runs, it reads the inputs, runs the algorithm and "
+                "writes output to STDOUT.\n```python\n  # YOUR CODE HERE\n```")
+
+def build_messages(p: Problem, style: str = "livecodebench") -> list:
+    if style == "ml-ssd":
+        if p.kind == "assert":  # they evaluate LiveCodeBench only
+            raise EvalError(f"ml-ssd has no HumanEval or MBPP prompt ({p.task_id}); use --prompt_style livecodebench")
+        tail = ML_SSD_STDIN if p.kind == "stdin" else f'{FORMAT_STARTER}"\n```python\n{p.starter_code}\n'
+        return [{"role": "user", "content": f"{ML_SSD_HEAD}{p.question}\n\n{tail}"}]
     fmt = FORMAT_STARTER if p.starter_code else FORMAT_STDIN if p.kind == "stdin" else FORMAT_FUNCTION
     user = (f"### Question:\n{p.question}\n\n### Format: {fmt}\n```python\n{p.starter_code or '# YOUR CODE HERE'}\n"
             "```\n\n### Answer: (use the provided format with backticks)\n\n")
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
-
 # ---------------------------------------------------------------- generation ------------------------------------------
-
 def generate_samples(args, problems: list) -> list:
     """args.n completions per problem at each temperature with ssd.py's sampler; the model is loaded once."""
     import torch
 
     import ssd
-    cuda = torch.cuda.is_available()
-    model, tok = ssd.load_model(args.model_name_or_path, "cuda" if cuda else "cpu", torch.bfloat16 if cuda else
-                                torch.float32)
-    prompts = [tok(tok.apply_chat_template(build_messages(p), tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False).input_ids for p in problems]  # the template already has any BOS
+    messages = [build_messages(p, args.prompt_style) for p in problems]  # a problem it cannot ask fails here, not later
+    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    model, tok = ssd.load_model(args.model_name_or_path, device, dtype)
+    prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids for m in messages]  # the template already has any BOS
     if (room := model.config.max_position_embeddings - max(map(len, prompts))) <= 0:
         raise EvalError(f"the longest prompt ({max(map(len, prompts))} tokens) fills the model's context; drop it")
     records = []
@@ -186,14 +191,12 @@ def generate_samples(args, problems: list) -> list:
         out = ssd.generate(model, prompts, max_new_tokens=min(args.max_tokens, room), num_samples=args.n,
                            temperature=temperature, top_k=args.top_k, top_p=args.top_p, greedy=temperature == 0,
                            seed=args.seed, batch_size=args.batch_size, eos_token_ids=model.config.eos_token_ids)
-        records += [{"task_id": p.task_id, "temperature": temperature, "sample": j, "completion": tok.decode(
-            c.tokens, skip_special_tokens=True), "finish": c.stop, "tokens": len(c.tokens)}
-            for p, completions in zip(problems, out) for j, c in enumerate(completions)]
+        records += [{"task_id": p.task_id, "prompt_style": args.prompt_style, "temperature": temperature, "sample": j,
+                     "completion": tok.decode(c.tokens, skip_special_tokens=True), "finish": c.stop,
+                     "tokens": len(c.tokens)} for p, cs in zip(problems, out) for j, c in enumerate(cs)]
     return records
 
-
 # ---------------------------------------------------------------- code extraction -------------------------------------
-
 FENCED = re.compile(r"^[ \t]*```[^\n]*\n(.*?)^[ \t]*```", re.M | re.S)  # complete blocks: an unclosed one is no code
 
 def extract_program(p: Problem, completion: str, first_block: bool = False):
@@ -205,9 +208,7 @@ def extract_program(p: Problem, completion: str, first_block: bool = False):
     code = blocks[0 if first_block else -1]
     return f"{p.starter_code}\n{code}\n" if p.kind == "assert" else code  # the prompt's imports and helpers stay
 
-
 # ---------------------------------------------------------------- subprocess sandbox ----------------------------------
-
 # LiveCodeBench runs every program after these imports (stdin and functional alike); so do we, to score the same.
 PRELUDE_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
                    "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
@@ -450,9 +451,7 @@ def _child_setup(sb: Sandbox, work: str, source: str):
     _sys("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binaries: the uid is final
     _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the program dies with its worker
 
-
 # ---------------------------------------------------------------- grading ---------------------------------------------
-
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 def same_token(got: str, want: str) -> bool:
@@ -575,9 +574,7 @@ def grade(problems: dict, records: list, limits: Limits, workers: int, all_tests
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
-
 # ---------------------------------------------------------------- pass@k ----------------------------------------------
-
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k, 1 - C(n-c, k) / C(n, k), as a product that neither overflows nor cancels."""
     return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
@@ -587,11 +584,11 @@ def pass_at_ks(counts: list, ks: list) -> dict:
     return {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks}
 
 def summarize(problems: dict, records: list) -> list:
-    """One entry per temperature: pass@k overall, per difficulty and per platform, and verdict counts."""
+    """One entry per prompt style and temperature: pass@k overall, per difficulty and per platform, verdict counts."""
     groups, results = defaultdict(list), []
     for r in records:
-        groups[r.get("temperature")].append(r)
-    for temperature, rows in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        groups[r.get("prompt_style"), r.get("temperature")].append(r)
+    for (style, temperature), rows in sorted(groups.items(), key=lambda kv: [(x is None, x or 0) for x in kv[0]]):
         nc = defaultdict(lambda: [0, 0])  # task -> [samples, passed]
         for r in rows:
             nc[r["task_id"]] = [nc[r["task_id"]][0] + 1, nc[r["task_id"]][1] + (r["verdict"] == "passed")]
@@ -602,15 +599,15 @@ def summarize(problems: dict, records: list) -> list:
             for task_id, counts in nc.items():
                 split[getattr(problems[task_id], attr) or "unknown"].append(counts)
             entry[f"by_{attr}"] = {key: {"problems": len(c), **pass_at_ks(c, ks)} for key, c in sorted(split.items())}
-        results.append(entry | {"verdicts": dict(Counter(r["verdict"] for r in rows)),
-                                "test_verdicts": dict(Counter(t["verdict"] for r in rows for t in r["tests"]))})
+        results.append({"prompt_style": style} | entry | {
+            "verdicts": dict(Counter(r["verdict"] for r in rows)),
+            "test_verdicts": dict(Counter(t["verdict"] for r in rows for t in r["tests"]))})
     return results
 
-
 # ---------------------------------------------------------------- command line ----------------------------------------
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.error = lambda message: ap.exit(2, f"error: {message}\n")  # one line and exit 2, as for any other bad input
     add = ap.add_argument
     add("--problems", default="livecodebench", help="a .jsonl(.gz) of problems, or livecodebench, humaneval, mbpp")
     add("--samples", help="grade this JSONL of {task_id or question_id, completion[, temperature]}")
@@ -626,6 +623,8 @@ def parse_args(argv=None):
     add("--max_tokens", type=int, default=32768, help="new tokens per completion")
     add("--seed", type=int, default=0)
     add("--batch_size", type=int, default=64, help="sequences decoded together")
+    add("--prompt_style", choices=("livecodebench", "ml-ssd"), help="livecodebench (default; LiveCodeBench's, as on "
+        "its leaderboard) or ml-ssd (the paper authors'); with --samples, recorded for samples that name none")
     add("--first_block", action="store_true", help="the program is the first fenced block, not the last")
     add("--all_tests", action="store_true", help="run every test, not only up to the first failure")
     add("--timeout", type=float, default=6.0, help="wall seconds per test")
@@ -636,7 +635,7 @@ def parse_args(argv=None):
     add("--output_dir", default="ssd-output/eval", help="for summary.json, samples.jsonl and completions.jsonl")
     return ap.parse_args(argv)
 
-def read_samples(path: str, problems: dict) -> list:
+def read_samples(path: str, problems: dict, style=None) -> list:
     records, index = [], Counter()
     for i, row in enumerate(read_jsonl(path), 1):
         task_id = str(row.get("task_id", row.get("question_id")))
@@ -646,7 +645,7 @@ def read_samples(path: str, problems: dict) -> list:
             raise EvalError(f"{path}:{i}: task {task_id} is not among the {len(problems)} problems loaded; check "
                             "--problems and its filters")
         key = (task_id, row.get("temperature"))
-        records.append({**row, "task_id": task_id, "temperature": key[1], "sample": index[key]})
+        records.append({"prompt_style": style, **row, "task_id": task_id, "temperature": key[1], "sample": index[key]})
         index[key] += 1
     if not records:
         raise EvalError(f"{path} has no samples")
@@ -654,6 +653,7 @@ def read_samples(path: str, problems: dict) -> list:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.prompt_style = args.prompt_style or ("livecodebench" if args.model_name_or_path else None)  # None: unknown
     try:
         if (args.samples is None) == (args.model_name_or_path is None):
             raise EvalError("pass exactly one of --samples FILE (grade) or --model_name_or_path (generate and grade)")
@@ -664,7 +664,7 @@ def main(argv=None) -> int:
         if min(args.n, args.workers, args.timeout, args.max_tokens) <= 0:
             raise EvalError("--n, --workers, --timeout and --max_tokens must be positive")
         problems = load_problems(args.problems, args.release, args.start_date, args.end_date, args.difficulty)
-        records = read_samples(args.samples, problems) if args.samples else None
+        records = read_samples(args.samples, problems, args.prompt_style) if args.samples else None
         os.makedirs(args.output_dir, exist_ok=True)
         if records is None:
             import ssd
@@ -691,8 +691,8 @@ def main(argv=None) -> int:
         json.dump(summary, g, indent=2)
     for res in summary["results"]:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("pass@"))
-        print(f"temperature {res['temperature']}: {res['problems']} problems, {res['samples']} samples  {scores}  "
-              f"verdicts {res['verdicts']}")
+        print(f"prompt_style {res['prompt_style']}, temperature {res['temperature']}: {res['problems']} problems, "
+              f"{res['samples']} samples  {scores}  verdicts {res['verdicts']}")
     print(f"sandbox: {', '.join(k for k, v in protections[0].items() if v is True)}; results in {args.output_dir}")
     return 0
 

@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import sys
+import types
 import zlib
 from fractions import Fraction
 from pathlib import Path
@@ -120,6 +121,67 @@ def test_prompt_follows_livecodebench():
     assert "starter code" in starter and "def countPairs(self, nums: List[int]" in starter
 
 
+# apple/ml-ssd evaluation/benchmark.py at 15c4292, verbatim (the --prompt_style ml-ssd prompt).
+LCB_PROMPT_WITHOUT_STARTER_CODE = """You will be given a question (problem specification) and will generate a correct Python program that matches the specification and passes all tests. You will NOT return anything except for the program.
+
+Question: {problem_description}
+
+Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on the sample inputs). Enclose your code within delimiters as follows. Ensure that when the python program runs, it reads the inputs, runs the algorithm and writes output to STDOUT.
+```python
+  # YOUR CODE HERE
+```"""  # noqa: E501
+
+LCB_PROMPT_WITH_STARTER_CODE = """You will be given a question (problem specification) and will generate a correct Python program that matches the specification and passes all tests. You will NOT return anything except for the program.
+
+Question: {problem_description}
+
+You will use the following starter code to write the solution to the problem and enclose your code within delimiters."
+```python
+{entry_point}
+"""  # noqa: E501
+
+
+def test_livecodebench_prompt_unchanged_word_for_word():
+    p = ev.load_problems(str(FIXTURES / "lcb_mini.jsonl"))
+    system = ("You are an expert Python programmer. You will be given a question (problem specification) and will "
+              "generate a correct Python program that matches the specification and passes all tests. You will NOT "
+              "return anything except for the program.")
+    for style in ((), ("livecodebench",)):
+        assert ev.build_messages(p["fx_sum"], *style) == [{"role": "system", "content": system}, {
+            "role": "user", "content": "### Question:\nRead two integers A and B and print A + B.\n\n### Format: "
+            "Read the inputs from stdin solve the problem and write the answer to stdout (do not directly test on the "
+            "sample inputs). Enclose your code within delimiters as follows.\n```python\n# YOUR CODE HERE\n```\n\n"
+            "### Answer: (use the provided format with backticks)\n\n"}]
+        assert ev.build_messages(p["fx_pairs"], *style)[1]["content"] == (
+            f"### Question:\n{p['fx_pairs'].question}\n\n### Format: You will use the following starter code to write "
+            "the solution to the problem and enclose your code within delimiters.\n```python\n"
+            f"{p['fx_pairs'].starter_code}\n```\n\n### Answer: (use the provided format with backticks)\n\n")
+
+
+def test_ml_ssd_prompt_is_the_authors_word_for_word():
+    p = ev.load_problems(str(FIXTURES / "lcb_mini.jsonl"))
+    stdin = LCB_PROMPT_WITHOUT_STARTER_CODE.format(problem_description="Read two integers A and B and print A + B.")
+    assert ev.build_messages(p["fx_sum"], "ml-ssd") == [{"role": "user", "content": stdin}]  # no system message
+    starter = LCB_PROMPT_WITH_STARTER_CODE.format(problem_description=p["fx_pairs"].question,
+                                                  entry_point=p["fx_pairs"].starter_code)
+    assert ev.build_messages(p["fx_pairs"], "ml-ssd") == [{"role": "user", "content": starter}]
+    # as theirs: stdin problems never show starter code, functional ones always take the starter template
+    stdin_with_starter = p["fx_sum"]._replace(starter_code="def main():\n    ")
+    assert ev.build_messages(stdin_with_starter, "ml-ssd") == ev.build_messages(p["fx_sum"], "ml-ssd")
+    bare = ev.Problem("f", "functional", "Return 1.", func_name="one")
+    assert ev.build_messages(bare, "ml-ssd")[0]["content"] == LCB_PROMPT_WITH_STARTER_CODE.format(
+        problem_description="Return 1.", entry_point="")
+
+
+def test_ml_ssd_prompt_refuses_humaneval_and_mbpp_in_one_line():
+    he = ev.load_problems(str(FIXTURES / "humaneval_mini.jsonl"))["Mini/1"]
+    mbpp = ev.problem_from_row({"task_id": 11, "text": "Write add(a, b).", "test_list": ["assert add(1, 2) == 3"]})
+    for p in (he, mbpp):
+        with pytest.raises(ev.EvalError, match=r"^[^\n]*use --prompt_style livecodebench$"):
+            ev.build_messages(p, "ml-ssd")
+        assert ev.build_messages(p)[0]["role"] == "system"  # the default style still asks them
+
+
 def test_extract_program():
     p = ev.Problem("t", "stdin", "q")
     text = "a\n```python\nfirst()\n```\nb\n```\nlast()\n```\n```python\nunclosed()"
@@ -169,6 +231,14 @@ def test_summary_reports_every_k_the_counts_allow():
     assert res["pass@5"] == pytest.approx((1 - math.comb(17, 5) / math.comb(20, 5)) / 2)
     assert res["by_difficulty"]["hard"]["pass@1"] == 0 and res["by_platform"]["x"]["pass@1"] == pytest.approx(0.15)
     assert res["verdicts"] == {"passed": 3, "wrong_answer": 17, "time_limit": 12}
+
+
+def test_summary_keeps_prompt_styles_apart():
+    problems = {"a": ev.Problem("a", "stdin", "q")}
+    records = [{"task_id": "a", "temperature": 0.7, "prompt_style": style, "verdict": verdict, "tests": []}
+               for style, verdict in (("ml-ssd", "passed"), ("livecodebench", "wrong_answer"), (None, "passed"))]
+    assert [(r["prompt_style"], r["pass@1"]) for r in ev.summarize(problems, records)] == [
+        ("livecodebench", 0.0), ("ml-ssd", 1.0), (None, 1.0)]  # None: samples that do not say
 
 
 # ---------------------------------------------------------------- grading fixtures ------------------------------------
@@ -322,6 +392,16 @@ def test_cli_grades_a_samples_file(tmp_path):
     assert summary["protections"][0]["sandbox_uid"] == IS_ROOT
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and rows[0]["program"].startswith("a, b = map") and rows[0]["tests"][0]["verdict"]
+    assert summary["settings"]["prompt_style"] is None and res["prompt_style"] is None  # the samples do not say
+
+
+def test_samples_file_prompt_style_label(tmp_path):
+    problems = ev.load_problems(str(FIXTURES / "lcb_mini.jsonl"))
+    (path := tmp_path / "s.jsonl").write_text('{"task_id": "fx_sum", "completion": "x"}\n'
+                                              '{"task_id": "fx_sum", "completion": "y", "prompt_style": "ml-ssd"}\n')
+    assert [r["prompt_style"] for r in ev.read_samples(str(path), problems)] == [None, "ml-ssd"]
+    assert [r["prompt_style"] for r in ev.read_samples(str(path), problems, "livecodebench")] == [
+        "livecodebench", "ml-ssd"]  # --prompt_style labels only the samples that name none
 
 
 @pytest.mark.parametrize("args, message", [
@@ -333,6 +413,10 @@ def test_cli_grades_a_samples_file(tmp_path):
     (["--problems", "tests/fixtures/humaneval_mini.jsonl"], "exactly one of"),
     (["--problems", "tests/fixtures/lcb_mini.jsonl", "--samples", "tests/fixtures/lcb_samples.jsonl",
       "--start_date", "March"], "YYYY-MM-DD"),
+    (["--problems", "tests/fixtures/lcb_mini.jsonl", "--samples", "tests/fixtures/lcb_samples.jsonl",
+      "--prompt_style", "paper"], "argument --prompt_style: invalid choice: 'paper'"),
+    (["--problems", "tests/fixtures/lcb_mini.jsonl", "--samples", "tests/fixtures/lcb_samples.jsonl",
+      "--difficulty", "extreme"], "argument --difficulty: invalid choice"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(args, message):
     proc = cli(*args, check_rc=2)
@@ -351,6 +435,45 @@ def test_cli_generates_and_grades_with_the_tiny_model(tmp_path, tiny_model_dir):
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(r["verdict"] in ev.VERDICTS and r["finish"] in ("eos", "length") for r in rows)
     assert (tmp_path / "completions.jsonl").is_file()
+    assert summary["settings"]["prompt_style"] == "livecodebench"  # the default
+    assert all(r["prompt_style"] == "livecodebench" for r in summary["results"] + rows)
+
+
+def test_prompt_style_reaches_generation_and_the_summary(tmp_path, monkeypatch):
+    """--prompt_style ml-ssd through main with a stand-in for ssd.py: the chat template gets the authors' messages,
+    and completions, samples and summary (settings and results) all say which prompt produced them."""
+    asked = []
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            asked.append(messages)
+            return "prompt"
+
+        def __call__(self, text, add_special_tokens):
+            return types.SimpleNamespace(input_ids=[1, 2])
+
+        def decode(self, tokens, skip_special_tokens):
+            return "```python\nprint(5)\n```"
+
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=64, eos_token_ids=[0]))
+    fake = types.ModuleType("ssd")
+    fake.SSDError = RuntimeError
+    fake.load_model = lambda path, device, dtype: (model, Tokenizer())
+    fake.generate = lambda model, prompts, num_samples, **kw: [
+        [types.SimpleNamespace(tokens=[7, 0], stop="eos")] * num_samples for _ in prompts]
+    monkeypatch.setitem(sys.modules, "ssd", fake)
+    assert ev.main(["--model_name_or_path", "stand-in", "--problems", str(FIXTURES / "lcb_mini.jsonl"), "--n", "2",
+                    "--prompt_style", "ml-ssd", "--workers", "1", "--timeout", "2", "--output_dir", str(tmp_path)]) == 0
+    problems = ev.load_problems(str(FIXTURES / "lcb_mini.jsonl"))
+    assert asked == [ev.build_messages(p, "ml-ssd") for p in problems.values()]
+    assert asked[0] == [{"role": "user", "content": LCB_PROMPT_WITHOUT_STARTER_CODE.format(
+        problem_description=problems["fx_sum"].question)}]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["settings"]["prompt_style"] == "ml-ssd"
+    assert [(r["prompt_style"], r["samples"]) for r in summary["results"]] == [("ml-ssd", 10)]
+    for name in ("completions.jsonl", "samples.jsonl"):
+        rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        assert len(rows) == 10 and {r["prompt_style"] for r in rows} == {"ml-ssd"}
 
 
 @pytest.mark.slow
