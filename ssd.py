@@ -3,7 +3,7 @@
 Sample completions for coding prompts from the frozen base model at a training-time temperature with top-k / top-p
 truncation, drop empty or stub outputs, fine-tune on the raw, unverified samples with plain cross-entropy, then decode
 at a separately tuned evaluation temperature (arXiv 2604.01193). The file reads in pipeline order:
-config and CLI -> model -> checkpoint I/O -> KV-cached sampler -> SSD data phase -> training -> main.
+config and CLI -> model -> checkpoint I/O -> paged sampling engine -> SSD data phase -> training -> main.
 
     python ssd.py --model_name_or_path tests/assets/tiny-qwen3 --dataset_path tests/assets/prompts.jsonl ...
     torchrun --nproc_per_node=8 ssd.py --temperature 1.6
@@ -980,7 +980,8 @@ def read_jsonl(path: Path) -> list:
 
 
 def check_context(longest_prompt: int, model_dir: Path, cfg: Config, device):
-    """Stop before sampling when a completion could run past the model's context (every rank, the same verdict)."""
+    """Stop before sampling (and before the weights load) when a completion could run past the model's context or
+    a --cache_tokens pool could not hold one whole sequence; every rank reaches the same verdict."""
     longest = torch.tensor(longest_prompt, device=device)
     if dist.is_initialized():
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
@@ -989,6 +990,11 @@ def check_context(longest_prompt: int, model_dir: Path, cfg: Config, device):
         raise SSDError(f"the longest prompt ({int(longest)} tokens) + --max_completion_length "
                        f"({cfg.max_completion_length}) exceeds the model's max_position_embeddings ({limit}); "
                        "lower --max_completion_length or --max_prompt_length")
+    blocks = -(-(int(longest) + cfg.max_completion_length) // KV_BLOCK)
+    if cfg.cache_tokens and cfg.cache_tokens // KV_BLOCK < blocks:
+        raise SSDError(f"--cache_tokens {cfg.cache_tokens} holds no sequence of {int(longest)} prompt + "
+                       f"{cfg.max_completion_length} new tokens ({blocks} blocks of {KV_BLOCK}); raise --cache_tokens "
+                       "to at least " + str(blocks * KV_BLOCK))
 
 
 def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: int, world: int, device, seed: int):

@@ -384,6 +384,8 @@ def run_argv(tiny_model_dir, dataset, out, *extra):
     (["--chat_template_kwargs", "[1]"], r"--chat_template_kwargs must be a JSON object"),
     (["--max_completion_length", "2040"], r"longest prompt \(\d+ tokens\) \+ --max_completion_length \(2040\) "
                                           r"exceeds the model's max_position_embeddings \(2048\)"),
+    (["--cache_tokens", "200"], r"--cache_tokens 200 holds no sequence of \d+ prompt \+ 8 new tokens \(1 blocks "
+                                r"of 256\); raise --cache_tokens to at least 256"),
 ])
 def test_bad_settings(extra, match, tiny_model_dir, prompts_path, tmp_path, capsys, no_model):
     expect_error(run_argv(tiny_model_dir, prompts_path, tmp_path / "out", *extra), capsys, match)
