@@ -236,25 +236,25 @@ class PagedKV:
 class Documents:
     """Training sequences packed end to end into one row, positions restarting at each: every token attends only
     to the earlier tokens of its own sequence, so packing changes no loss and no gradient."""
-    cu_lens: torch.Tensor  # (sequences + 1,) int32: where each sequence starts, then the row's length
-    max_len: int
-    ids: torch.Tensor  # (tokens,): the sequence of each token
+    cu_lens: torch.Tensor  # (sequences + 1,) int32 on the device: where each sequence starts, then the row's length
+    lens: list  # each sequence's length
 
 
 def document_attention(q, k, v, docs: Documents):
     """Causal attention inside each packed sequence; q, k, v are (1, tokens, heads, head_dim). On CUDA in bf16 or
-    fp16, flash attention's variable-length kernel (memory linear in the length); elsewhere SDPA with the
-    block-diagonal causal mask (quadratic, for CPU and fp32 runs)."""
+    fp16, flash attention's variable-length kernel in one call; elsewhere (CPU, fp32) one causal SDPA per sequence,
+    which, unlike one masked SDPA over the row, computes no pair of tokens from different sequences and builds no
+    (tokens x tokens) mask."""
     gqa = k.shape[2] != q.shape[2]
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         from torch.nn.attention.varlen import varlen_attn
-        return varlen_attn(q[0], k[0], v[0], docs.cu_lens, docs.cu_lens, docs.max_len, docs.max_len,
-                           window_size=(-1, 0), enable_gqa=gqa)[None]
-    n = len(docs.ids)
-    mask = (docs.ids[:, None] == docs.ids[None, :]) & torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       enable_gqa=gqa)
-    return y.transpose(1, 2)
+        longest = max(docs.lens)
+        return varlen_attn(q[0], k[0], v[0], docs.cu_lens, docs.cu_lens, longest, longest, window_size=(-1, 0),
+                           enable_gqa=gqa)[None]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, heads, tokens, head_dim)
+    ys = [F.scaled_dot_product_attention(*(t[:, :, a:a + n] for t in (q, k, v)), is_causal=True, enable_gqa=gqa)
+          for a, n in zip(docs.cu_lens.tolist(), docs.lens)]
+    return torch.cat(ys, dim=2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -1169,8 +1169,7 @@ def pack(seqs: list, device) -> tuple:
     targets = torch.full_like(ids, -100)
     for (s, n_prompt), start in zip(seqs, starts.tolist()):  # position t predicts token t + 1 of its own sequence
         targets[start + n_prompt - 1:start + len(s) - 1] = ids[start + n_prompt:start + len(s)]
-    docs = Documents(F.pad(lens.cumsum(0), (1, 0)).to(device, torch.int32), int(lens.max()),
-                     torch.arange(len(seqs)).repeat_interleave(lens).to(device))
+    docs = Documents(F.pad(lens.cumsum(0), (1, 0)).to(device, torch.int32), lens.tolist())
     return ids[None].to(device), positions[None].to(device), targets[None].to(device), docs
 
 
@@ -1300,9 +1299,10 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
                    "completion_tokens": n_targets, "tokens_per_s": tokens / seconds, "micro_batches": len(plan[0]),
                    "peak_host_memory_gb": peak_host_gb()}
             if device.type == "cuda":
-                attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * (tokens / len(step_seqs))  # + 6N
+                # 6N per token, plus attention's 12 L H Q T per token of a sequence of T tokens: sum of T^2
+                attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * sum(lengths[i] ** 2 for i in step_seqs)
                 if peak:
-                    row["mfu"] = (6 * n_params + attn) * tokens / seconds / (peak * world)
+                    row["mfu"] = (6 * n_params * tokens + attn) / seconds / (peak * world)
                 row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")

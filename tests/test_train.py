@@ -269,7 +269,7 @@ def test_pack_lays_sequences_end_to_end():
     # position t predicts token t + 1 of its own sequence: the last prompt position predicts the first completion
     # token, the end token is a target (it teaches the model to stop), and no target crosses into the next sequence.
     assert targets.tolist() == [[-100, -100, -100, 9, 10, END_ID, -100, -100, 3, -100]]
-    assert docs.cu_lens.tolist() == [0, 7, 10] and docs.max_len == 7 and docs.ids.tolist() == [0] * 7 + [1] * 3
+    assert docs.cu_lens.tolist() == [0, 7, 10] and docs.lens == [7, 3]
 
 
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
