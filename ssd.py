@@ -719,6 +719,134 @@ def eager_decode(step):
     return run
 
 
+class Engine:
+    """The paged sampler's state: a pool of KV blocks, the queue of waiting groups and the running rows.
+
+    Between two calls: every running sequence holds the blocks of all its cached tokens (the newest token is not
+    cached yet); a block's reference count is the number of sequences holding it; the queue holds groups of sequences
+    with the same tokens (the samples of a prompt, or one preempted sequence, which holds no blocks), and a sequence
+    leaves the engine only through retire(). generate() drives it: admit -> reserve_or_preempt -> decode_window.
+    """
+
+    def __init__(self, model: Transformer, draw, *, rows: int, length: int, max_new_tokens: int, eos: set,
+                 cache_tokens: int, block_size: int, finish):
+        from collections import deque
+        cfg, w = model.config, model.head_weight()
+        self.model, self.draw, self.finish, self.device = model, draw, finish, w.device
+        self.rows, self.max_new_tokens, self.eos, self.block_size = rows, max_new_tokens, eos, block_size
+        shape = (cfg.num_layers, cache_tokens // block_size + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
+        self.cache = PagedKV(torch.zeros(shape, device=w.device, dtype=w.dtype),
+                             torch.zeros(shape, device=w.device, dtype=w.dtype))
+        self.pool, self.queue, self.running = BlockPool(shape[1]), deque(), []
+        self.stats = dict(decode_steps=0, rows=0, peak_rows=0, preemptions=0, prefill_tokens=0, tokens=0)
+
+        def step(*state):
+            return decode_step(model, self.cache, draw, *state)
+        width = -(-(length + RETIRE_EVERY) // block_size)  # a row's table: its length and a window past its end
+        self.decode = GraphedDecode(step, width, rows, w.device) if w.device.type == "cuda" else eager_decode(step)
+
+    def blocks_needed(self, n_tokens: int, n_prompt: int) -> int:
+        """Blocks a sequence of n_tokens (the newest one not cached yet) writes into by the end of the next window."""
+        return -(-min(n_tokens - 1 + RETIRE_EVERY, n_prompt + self.max_new_tokens) // self.block_size)
+
+    def append(self, seq: Sequence, drawn) -> bool:
+        """Add drawn tokens up to the sequence's end (an end token, or max_new_tokens): what it drew past its end is
+        dropped, and an ended sequence is retired. Returns whether it runs on."""
+        for token in drawn:
+            seq.tokens.append(token)
+            self.stats["tokens"] += 1
+            if token in self.eos or len(seq.tokens) - seq.n_prompt >= self.max_new_tokens:
+                self.retire(seq, "eos" if token in self.eos else "length")
+                return False
+        return True
+
+    def retire(self, seq: Sequence, stop: str):
+        """Hand a finished sequence's blocks back to the pool and its completion to `finish`."""
+        self.pool.release(seq.blocks)
+        self.finish(seq, Completion(seq.tokens[seq.n_prompt:], stop))
+
+    def admit(self):
+        """Move waiting groups into free rows, one prefill chunk at a time, while the blocks they and the running rows
+        need by the end of the next window fit: no row admitted now is preempted before it decodes."""
+        while chunk := self.take_chunk():
+            self.start(chunk)
+
+    def take_chunk(self) -> list:
+        """The next groups (or the front of one) that fit in the free rows and blocks, at most PREFILL_TOKENS padded
+        tokens, given their blocks: a group's full blocks are shared, each sequence owns its partial last block."""
+        reserve = sum(self.blocks_needed(len(s.tokens), s.n_prompt) - len(s.blocks) for s in self.running)
+        chunk, padded, bs, pool = [], 0, self.block_size, self.pool
+        while self.queue and len(self.running) + sum(map(len, chunk)) < self.rows:
+            group, n = self.queue[0], len(self.queue[0][0].tokens)
+            full, partial = n // bs, -(-n // bs) - n // bs
+            own = self.blocks_needed(n + 1, group[0].n_prompt) - full  # after its first token is drawn
+            fit = min(len(group), self.rows - len(self.running) - sum(map(len, chunk)),
+                      max(0, len(pool.free) - reserve - full) // own)
+            if fit < 1 or chunk and (len(chunk) + 1) * max(padded, n) > PREFILL_TOKENS:
+                break
+            take, group[:fit] = group[:fit], []
+            if not group:
+                self.queue.popleft()
+            shared = pool.take(full)
+            for k, seq in enumerate(take):
+                if k:
+                    pool.share(shared)
+                seq.blocks = shared + pool.take(partial)
+            reserve += fit * (own - partial)
+            chunk.append(take)
+            padded = max(padded, n)
+        return chunk
+
+    def start(self, chunk: list):
+        """Prefill a chunk of groups in one forward and draw each sequence's first token; those that go on run."""
+        last = prefill(self.model, self.cache, chunk)
+        cache, device = self.cache, self.device
+        for group in chunk:  # the partial last block was written for the first sample: copy it for the others
+            if len(group) > 1 and len(group[0].tokens) % self.block_size:
+                src, dst = group[0].blocks[-1], [s.blocks[-1] for s in group[1:]]
+                cache.k[:, dst], cache.v[:, dst] = cache.k[:, [src]], cache.v[:, [src]]
+        self.stats["prefill_tokens"] += sum(len(g[0].tokens) for g in chunk)
+        rows = torch.tensor([b for b, g in enumerate(chunk) for _ in g], device=device)
+        seqs = [s for g in chunk for s in g]
+        first = self.draw(F.linear(last[rows], self.model.head_weight()),
+                          torch.tensor([s.seq_id for s in seqs], device=device),
+                          torch.tensor([len(s.tokens) for s in seqs], device=device)).tolist()
+        self.running.extend(s for s, t in zip(seqs, first) if self.append(s, [t]))
+
+    def reserve_or_preempt(self):
+        """Give every running row the blocks it writes into by the end of the next window; while they do not fit,
+        preempt the sequence that came last (blocks freed, tokens kept, back to the front of the queue)."""
+        def need(seq):
+            return self.blocks_needed(len(seq.tokens), seq.n_prompt) - len(seq.blocks)
+        while sum(map(need, self.running)) > len(self.pool.free):
+            victim = max(self.running, key=lambda s: s.order)
+            self.running.remove(victim)
+            self.pool.release(victim.blocks)
+            victim.blocks = []
+            self.queue.appendleft([victim])
+            self.stats["preemptions"] += 1
+        for seq in self.running:
+            seq.blocks += self.pool.take(need(seq))
+
+    def decode_window(self):
+        """Decode up to RETIRE_EVERY steps of every running row on the device without looking, then append what
+        each drew; rows that ended are retired, the others run on. Needs reserve_or_preempt() first."""
+        rows, bs, device = self.running, self.block_size, self.device
+        steps = min(RETIRE_EVERY, max(self.max_new_tokens - len(s.tokens) + s.n_prompt for s in rows))
+        widest = max(len(s.blocks) for s in rows)
+        positions = [len(s.tokens) - 1 for s in rows]
+        tables = torch.tensor([s.blocks + [0] * (widest - len(s.blocks)) for s in rows], dtype=torch.int32)
+        if device.type != "cuda":  # a window may run past a row's blocks into block 0: widen the table to cover it
+            tables = F.pad(tables, (0, max(0, -(-(max(positions) + steps) // bs) - widest)))
+        out = self.decode(torch.tensor([s.tokens[-1] for s in rows], device=device),
+                          torch.tensor(positions, device=device), tables.to(device),
+                          torch.tensor([s.seq_id for s in rows], device=device), steps).T.tolist()
+        self.stats["decode_steps"] += steps
+        self.stats["rows"] += steps * len(rows)
+        self.stats["peak_rows"] = max(self.stats["peak_rows"], len(rows))
+        self.running = [seq for seq, drawn in zip(rows, out) if self.append(seq, drawn)]
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samples: int = 1,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, greedy: bool = False,
@@ -737,11 +865,8 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
     `on_finish(prompt, sample, completion)` is called as each completion ends; `stats`, when given, receives the
     decode steps, mean and peak rows resident, preemptions, prefilled tokens, completion tokens and seconds.
     """
-    from collections import deque
-
     from tqdm import tqdm
-    cfg, w = model.config, model.head_weight()
-    device = w.device
+    cfg = model.config
     ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
     if not prompts or any(len(p) == 0 for p in prompts) or len(ids) != len(prompts):
         raise SSDError("generate() needs at least one prompt, no empty prompt, and one prompt id per prompt")
@@ -756,7 +881,6 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
             check_sampling_args(temperature, top_k, top_p, min_p)
         except ValueError as e:
             raise SSDError(str(e)) from None
-    eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     n_rows = min(batch_size, len(prompts) * num_samples)
     per_seq = -(-length // block_size)  # blocks of the longest sequence
     budget = cache_tokens or default_cache_tokens(model, n_rows, per_seq * block_size)
@@ -764,9 +888,6 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
         raise SSDError(f"a KV cache of {budget} tokens holds no sequence of {length} tokens (longest prompt + new "
                        f"tokens, in blocks of {block_size}); raise --cache_tokens or lower --max_completion_length / "
                        "--max_prompt_length")
-    shape = (cfg.num_layers, budget // block_size + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
-    cache = PagedKV(torch.zeros(shape, device=device, dtype=w.dtype), torch.zeros(shape, device=device, dtype=w.dtype))
-    pool = BlockPool(shape[1])
 
     def draw(logits, seq_ids, positions):
         if greedy:
@@ -774,116 +895,30 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
         return sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                  seq_ids=seq_ids, positions=positions)
 
-    def step(*state):
-        return decode_step(model, cache, draw, *state)
-    width = -(-(length + RETIRE_EVERY) // block_size)  # a row's table: its length and a window of steps past its end
-    decode = GraphedDecode(step, width, n_rows, device) if device.type == "cuda" else eager_decode(step)
-
-    # The queue holds groups of sequences with the same tokens: the samples of a prompt, or one preempted sequence.
-    queue = deque([Sequence(i, j, ids[i] * num_samples + j, i * num_samples + j, list(p), len(p))
-                   for j in range(num_samples)] for i, p in enumerate(prompts))
     results = [[None] * num_samples for _ in prompts]
-    active = []
-    run = dict(decode_steps=0, rows=0, peak_rows=0, preemptions=0, prefill_tokens=0, tokens=0)
     bar = tqdm(total=len(prompts) * num_samples, unit="completion", disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
 
-    def append(seq, token) -> bool:
-        """Add a drawn token; retire the sequence (False) once it drew an end token or reached max_new_tokens."""
-        seq.tokens.append(token)
-        run["tokens"] += 1
-        new = seq.tokens[seq.n_prompt:]
-        if token not in eos and len(new) < max_new_tokens:
-            return True
-        pool.release(seq.blocks)
-        results[seq.prompt][seq.sample] = Completion(new, "eos" if token in eos else "length")
+    def finish(seq: Sequence, completion: Completion):
+        results[seq.prompt][seq.sample] = completion
         if on_finish is not None:
-            on_finish(seq.prompt, seq.sample, results[seq.prompt][seq.sample])
+            on_finish(seq.prompt, seq.sample, completion)
         bar.update(1)
-        return False
-
-    def blocks_needed(n_tokens: int, n_prompt: int) -> int:
-        """Blocks a sequence of n_tokens (the newest one not cached yet) writes into by the end of the next window."""
-        return -(-min(n_tokens - 1 + RETIRE_EVERY, n_prompt + max_new_tokens) // block_size)
-
-    def admit():
-        """Move waiting groups into free rows while the blocks they and the running rows need next fit; prefill them
-        in chunks. A group's full blocks are shared; each sequence owns its partial last block and what it grows."""
-        reserve = sum(blocks_needed(len(s.tokens), s.n_prompt) - len(s.blocks) for s in active)
-        chunk, padded = [], 0
-        while queue and len(active) + sum(map(len, chunk)) < n_rows:
-            group, n = queue[0], len(queue[0][0].tokens)
-            full, partial = n // block_size, -(-n // block_size) - n // block_size
-            own = blocks_needed(n + 1, group[0].n_prompt) - full  # after its first token is drawn
-            fit = min(len(group), n_rows - len(active) - sum(map(len, chunk)),
-                      max(0, len(pool.free) - reserve - full) // own)
-            if fit < 1 or chunk and (len(chunk) + 1) * max(padded, n) > PREFILL_TOKENS:
-                break
-            take, group[:fit] = group[:fit], []
-            if not group:
-                queue.popleft()
-            shared = pool.take(full)
-            for k, seq in enumerate(take):
-                if k:
-                    pool.share(shared)
-                seq.blocks = shared + pool.take(partial)
-            reserve += fit * (own - partial)
-            chunk.append(take)
-            padded = max(padded, n)
-        if not chunk:
-            return
-        last = prefill(model, cache, chunk)
-        for group in chunk:  # the partial last block was written for the first sample: copy it for the others
-            if len(group) > 1 and len(group[0].tokens) % block_size:
-                src, dst = group[0].blocks[-1], [s.blocks[-1] for s in group[1:]]
-                cache.k[:, dst], cache.v[:, dst] = cache.k[:, [src]], cache.v[:, [src]]
-        run["prefill_tokens"] += sum(len(g[0].tokens) for g in chunk)
-        rows = torch.tensor([b for b, g in enumerate(chunk) for _ in g], device=device)
-        seqs = [s for g in chunk for s in g]
-        first = draw(F.linear(last[rows], w), torch.tensor([s.seq_id for s in seqs], device=device),
-                     torch.tensor([len(s.tokens) for s in seqs], device=device)).tolist()
-        active.extend(s for s, t in zip(seqs, first) if append(s, t))
-        admit()  # the chunk limit may have stopped it with rows and blocks to spare
-
-    def grow():
-        """Give every row the blocks of its next window, preempting the last-come sequences while they do not fit."""
-        def need(seq):
-            return blocks_needed(len(seq.tokens), seq.n_prompt) - len(seq.blocks)
-        while sum(map(need, active)) > len(pool.free):
-            victim = max(active, key=lambda s: s.order)
-            active.remove(victim)
-            pool.release(victim.blocks)
-            victim.blocks = []
-            queue.appendleft([victim])
-            run["preemptions"] += 1
-        for seq in active:
-            seq.blocks += pool.take(need(seq))
-
-    while True:
-        admit()
-        grow()
-        if not active:
-            if queue:
-                continue  # every sequence just admitted ended at its first token
-            break
-        steps = min(RETIRE_EVERY, max(max_new_tokens - len(s.tokens) + s.n_prompt for s in active))
-        widest = max(len(s.blocks) for s in active)
-        host = dict(tokens=[s.tokens[-1] for s in active], positions=[len(s.tokens) - 1 for s in active],
-                    seq_ids=[s.seq_id for s in active])
-        state = [torch.tensor(host[k], device=device) for k in ("tokens", "positions")]
-        tables = torch.tensor([s.blocks + [0] * (widest - len(s.blocks)) for s in active], dtype=torch.int32)
-        if device.type != "cuda":  # a window may run past a row's blocks into block 0: widen the table to cover it
-            tables = F.pad(tables, (0, max(0, -(-(max(host["positions"]) + steps) // block_size) - widest)))
-        out = decode(*state, tables.to(device), torch.tensor(host["seq_ids"], device=device), steps).T.tolist()
-        run["decode_steps"] += steps
-        run["rows"] += steps * len(active)
-        run["peak_rows"] = max(run["peak_rows"], len(active))
-        # all() stops at a sequence's end: what a row decoded after it in the same window is dropped
-        active[:] = [seq for seq, drawn in zip(active, out) if all(append(seq, t) for t in drawn)]
-        bar.set_postfix_str(f"{run['tokens'] / (time.perf_counter() - t0):.0f} tok/s, {len(active)} rows",
-                            refresh=False)
+    engine = Engine(model, draw, rows=n_rows, length=length, max_new_tokens=max_new_tokens, finish=finish,
+                    eos=set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids), cache_tokens=budget,
+                    block_size=block_size)
+    engine.queue.extend([Sequence(i, j, ids[i] * num_samples + j, i * num_samples + j, list(p), len(p))
+                         for j in range(num_samples)] for i, p in enumerate(prompts))
+    t0 = time.perf_counter()
+    while engine.queue or engine.running:  # a pass with no row left running only admits: all ended at prefill
+        engine.admit()
+        engine.reserve_or_preempt()
+        if engine.running:
+            engine.decode_window()
+            bar.set_postfix_str(f"{engine.stats['tokens'] / (time.perf_counter() - t0):.0f} tok/s, "
+                                f"{len(engine.running)} rows", refresh=False)
     bar.close()
     if stats is not None:
+        run = engine.stats
         stats.update(run, rows=run["rows"] / max(1, run["decode_steps"]), seconds=time.perf_counter() - t0)
     return results
 
