@@ -1262,6 +1262,100 @@ def peak_host_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def adamw_state(model: Transformer) -> tuple:
+    """(params, exp_avg, exp_avg_sq): the parameters the optimizer updates and AdamW's moments for them, zeroed."""
+    params = list(model.parameters())  # FSDP DTensors: the optimizer works on each rank's shard, p.to_local()
+    exp_avg = [torch.zeros_like(p.to_local()) for p in params]
+    exp_avg_sq = [torch.zeros_like(p.to_local()) for p in params]
+    return params, exp_avg, exp_avg_sq
+
+
+def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, world: int, device, total: int) -> tuple:
+    """(model, tokenizer, AdamW state, first step): the sharded fp32 model fresh from the checkpoint, or as the last
+    training state left it, with that state's moments, step and RNG (each rank reads only its own slices)."""
+    state = load_state(state_dir, rank, world)
+    model, tokenizer = load_model(model_path, device, torch.float32, shard=lambda m: shard_model(m, cfg, device),
+                                  fill=state is None)
+    model.checkpointing = cfg.gradient_checkpointing
+    model.train()
+    params, exp_avg, exp_avg_sq = opt = adamw_state(model)
+    shard_gb = sum(p.to_local().nbytes for p in params) / 2**30
+    print(f"[rank {rank}] {shard_gb:.2f} GB of fp32 weights on this rank; peak memory so far: host "
+          f"{peak_host_gb():.2f} GB" + (f", device {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
+                                        if device.type == "cuda" else ""))
+    if state is None:
+        return model, tokenizer, opt, 0
+    with torch.no_grad():
+        for dst, src in zip([p.to_local() for p in params] + exp_avg + exp_avg_sq,
+                            state["params"] + state["exp_avg"] + state["exp_avg_sq"]):
+            dst.copy_(src)
+    torch.set_rng_state(state["rng"])
+    print(f"[rank {rank}] resuming training at step {state['step']} of {total}")
+    return model, tokenizer, opt, state["step"]
+
+
+def optimizer_step(model: Transformer, opt: tuple, seqs: list, plan: list, step: int, total: int, cfg: Config,
+                   rank: int, device, state_dir: Path) -> tuple:
+    """One optimizer step over every rank's micro-batches `plan`: forward and backward for a token-mean loss over all
+    their completion tokens, then clipping and AdamW. Returns (loss, grad norm, lr)."""
+    params, exp_avg, exp_avg_sq = opt
+    n_targets = sum(len(seqs[i][0]) - seqs[i][1] for micro in plan for mb in micro for i in mb)  # all ranks' targets
+    loss_sum = torch.zeros((), device=device)
+    for k in range(max(len(micro) for micro in plan)):  # every rank runs as many passes: FSDP's collectives
+        mine = plan[rank][k] if k < len(plan[rank]) else None
+        inputs, positions, targets, docs = pack([seqs[i] for i in mine] if mine else [([0, 0], 1)], device)
+        loss = model(inputs, positions, docs, targets=targets)
+        (loss / n_targets * (1.0 if mine else 0.0)).backward()
+        loss_sum += loss.detach() if mine else 0.0
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    step_loss = loss_sum.item() / n_targets
+    grads = [p.grad.to_local() for p in params]
+    grad_norm = clip_grad_norm(grads, cfg.max_grad_norm)
+    if not math.isfinite(step_loss) or not math.isfinite(grad_norm):  # stop before the update spreads it
+        raise SSDError(f"the loss ({step_loss}) or gradient norm ({grad_norm}) is not finite at step {step + 1}; "
+                       f"the last good training state in {state_dir} is kept; lower --learning_rate")
+    lr = lr_at(step, total, cfg)
+    adamw_step([p.to_local() for p in params], grads, exp_avg, exp_avg_sq, step + 1, lr, cfg)
+    for p in params:
+        p.grad = None
+    return step_loss, grad_norm, lr
+
+
+def log_metrics(path: Path, row: dict, model: Transformer, lengths: list, seconds: float, world: int, device):
+    """Append a metrics.jsonl row, with the peak host memory, and on CUDA the MFU of a step of sequences of these
+    lengths in these seconds and the peak device memory."""
+    row["peak_host_memory_gb"] = peak_host_gb()
+    if device.type == "cuda":
+        mcfg, n_params = model.config, sum(p.numel() for p in model.parameters())
+        if mcfg.num_experts:  # MoE: a token meets only experts_per_token of the experts
+            stacked = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".gate_up_proj",
+                                                                                         ".down_proj")))
+            n_params -= stacked * (1 - mcfg.experts_per_token / mcfg.num_experts)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+        # 6N per token, plus attention's 12 L H Q T per token of a sequence of T tokens: sum of T^2
+        attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * sum(n ** 2 for n in lengths)
+        if peak:
+            row["mfu"] = (6 * n_params * sum(lengths) + attn) / seconds / (peak * world)
+        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def save_trained(model: Transformer, tokenizer, work: Path, rank: int):
+    """Gather the trained weights one tensor at a time (rank 0 holds the model once, in the checkpoint's dtype) and
+    save them to `work`."""
+    hf = model.config.hf_config
+    dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
+    full = {}
+    for name, p in model.named_parameters():
+        gathered = p.full_tensor()
+        if rank == 0:
+            full[name] = gathered.to(device="cpu", dtype=dtype)
+    if rank == 0:
+        save_model(model, tokenizer, work, state_dict=full)
+
+
 def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int, world: int, device):
     """Fine-tune on (ids, prompt length) sequences with a token-mean cross-entropy, then save the model to `work`."""
     import gc
@@ -1271,91 +1365,32 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * len(seqs) / per_step)
     state_dir, metrics_path = work / "train_state", work / "metrics.jsonl"
-    start, state = 0, load_state(state_dir, rank, world)
-    # Sharded on the meta device, then each rank reads its own slices of the checkpoint (a resumed run: of its state).
-    model, tokenizer = load_model(model_path, device, torch.float32, shard=lambda m: shard_model(m, cfg, device),
-                                  fill=state is None)
-    model.checkpointing = cfg.gradient_checkpointing
-    model.train()
-    params = list(model.parameters())  # FSDP DTensors: the optimizer works on each rank's shard, p.to_local()
-    exp_avg = [torch.zeros_like(p.to_local()) for p in params]
-    exp_avg_sq = [torch.zeros_like(p.to_local()) for p in params]
-    shard_gb = sum(p.to_local().nbytes for p in params) / 2**30
-    print(f"[rank {rank}] {shard_gb:.2f} GB of fp32 weights on this rank; peak memory so far: host "
-          f"{peak_host_gb():.2f} GB" + (f", device {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
-                                        if device.type == "cuda" else ""))
-    if state is not None:
-        with torch.no_grad():
-            for dst, src in zip([p.to_local() for p in params] + exp_avg + exp_avg_sq,
-                                state["params"] + state["exp_avg"] + state["exp_avg_sq"]):
-                dst.copy_(src)
-        start = state["step"]
-        torch.set_rng_state(state["rng"])
-        print(f"[rank {rank}] resuming training at step {start} of {total}")
+    model, tokenizer, opt, start = start_training(cfg, model_path, state_dir, rank, world, device, total)
     if rank == 0 and metrics_path.exists():  # forget metrics logged after the state we resume from
         kept = [m for m in read_jsonl(metrics_path) if m["step"] <= start]
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-    mcfg, n_params = model.config, sum(p.numel() for p in params)
-    if mcfg.num_experts:  # MoE: a token meets only experts_per_token of the experts
-        stacked = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".gate_up_proj", ".down_proj")))
-        n_params -= stacked * (1 - mcfg.experts_per_token / mcfg.num_experts)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and
-                 k in torch.cuda.get_device_name(device)), None)
     bar = tqdm(range(start, total), initial=start, total=total, disable=rank != 0, dynamic_ncols=True, unit="step")
     for step in bar:
         t0 = time.perf_counter()
         plan = step_microbatches(lengths, step, cfg, world)
+        loss, grad_norm, lr = optimizer_step(model, opt, seqs, plan, step, total, cfg, rank, device, state_dir)
         step_seqs = [i for micro in plan for mb in micro for i in mb]
-        n_targets = sum(lengths[i] - seqs[i][1] for i in step_seqs)  # every rank's completion tokens this step
-        loss_sum = torch.zeros((), device=device)
-        for k in range(max(len(micro) for micro in plan)):  # every rank runs as many passes: FSDP's collectives
-            mine = plan[rank][k] if k < len(plan[rank]) else None
-            inputs, positions, targets, docs = pack([seqs[i] for i in mine] if mine else [([0, 0], 1)], device)
-            loss = model(inputs, positions, docs, targets=targets)
-            (loss / n_targets * (1.0 if mine else 0.0)).backward()
-            loss_sum += loss.detach() if mine else 0.0
-        if dist.is_initialized():
-            dist.all_reduce(loss_sum)
-        step_loss = loss_sum.item() / n_targets
-        grads = [p.grad.to_local() for p in params]
-        grad_norm = clip_grad_norm(grads, cfg.max_grad_norm)
-        if not math.isfinite(step_loss) or not math.isfinite(grad_norm):  # stop before the update spreads it
-            raise SSDError(f"the loss ({step_loss}) or gradient norm ({grad_norm}) is not finite at step {step + 1}; "
-                           f"the last good training state in {state_dir} is kept; lower --learning_rate")
-        lr = lr_at(step, total, cfg)
-        adamw_step([p.to_local() for p in params], grads, exp_avg, exp_avg_sq, step + 1, lr, cfg)
-        for p in params:
-            p.grad = None
-        seconds = time.perf_counter() - t0
-        tokens = sum(lengths[i] for i in step_seqs)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}", refresh=False)
+        seconds, tokens = time.perf_counter() - t0, sum(lengths[i] for i in step_seqs)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}", refresh=False)
         if rank == 0 and ((step + 1) % cfg.logging_steps == 0 or step + 1 == total):
-            row = {"step": step + 1, "loss": step_loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
-                   "completion_tokens": n_targets, "tokens_per_s": tokens / seconds, "micro_batches": len(plan[0]),
-                   "peak_host_memory_gb": peak_host_gb()}
-            if device.type == "cuda":
-                # 6N per token, plus attention's 12 L H Q T per token of a sequence of T tokens: sum of T^2
-                attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * sum(lengths[i] ** 2 for i in step_seqs)
-                if peak:
-                    row["mfu"] = (6 * n_params * tokens + attn) / seconds / (peak * world)
-                row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            row = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": tokens,
+                   "completion_tokens": sum(lengths[i] - seqs[i][1] for i in step_seqs),
+                   "tokens_per_s": tokens / seconds, "micro_batches": len(plan[0])}
+            log_metrics(metrics_path, row, model, [lengths[i] for i in step_seqs], seconds, world, device)
         if (step + 1) % cfg.save_steps == 0 and step + 1 < total:
             save_state(state_dir, {"step": step + 1, "world": world, "rng": torch.get_rng_state(),
-                                   "params": [p.to_local().detach().clone() for p in params], "exp_avg": exp_avg,
-                                   "exp_avg_sq": exp_avg_sq}, rank)
+                                   "params": [p.to_local().detach().clone() for p in opt[0]], "exp_avg": opt[1],
+                                   "exp_avg_sq": opt[2]}, rank)
     bar.close()
-    dtype = getattr(torch, mcfg.hf_config.get("torch_dtype") or mcfg.hf_config.get("dtype") or "float32")
-    full = {}
-    for name, p in model.named_parameters():  # gathered one at a time: rank 0 holds the model once, in `dtype`
-        gathered = p.full_tensor()
-        if rank == 0:
-            full[name] = gathered.to(device="cpu", dtype=dtype)
+    save_trained(model, tokenizer, work, rank)
     if rank == 0:
-        save_model(model, tokenizer, work, state_dict=full)
         shutil.rmtree(state_dir, ignore_errors=True)
-    del model, params, exp_avg, exp_avg_sq, full
+    del model, opt
     gc.collect()  # FSDP's hooks keep the model in reference cycles: free it before another round samples
     if device.type == "cuda":
         torch.cuda.empty_cache()
