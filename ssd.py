@@ -1046,6 +1046,7 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
         ids[i], cut[i] = format_prompt(prompts[i], tokenizer, cfg)
     check_context(max(map(len, ids.values()), default=0), model_dir, cfg, device)  # before the weights load
     model, _ = load_model(model_dir, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    end_phase("sample: load", device)
     part = work / f"samples-part{rank}-of-{world}.jsonl"
     done = read_jsonl(part)
     with open(part, "w") as f:  # rewrite what survived a crash, without any half-written last line
@@ -1366,6 +1367,7 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * len(seqs) / per_step)
     state_dir, metrics_path = work / "train_state", work / "metrics.jsonl"
     model, tokenizer, opt, start = start_training(cfg, model_path, state_dir, rank, world, device, total)
+    end_phase("train: load", device)
     if rank == 0 and metrics_path.exists():  # forget metrics logged after the state we resume from
         kept = [m for m in read_jsonl(metrics_path) if m["step"] <= start]
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
@@ -1387,6 +1389,7 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
                                    "params": [p.to_local().detach().clone() for p in opt[0]], "exp_avg": opt[1],
                                    "exp_avg_sq": opt[2]}, rank)
     bar.close()
+    end_phase("train", device)
     save_trained(model, tokenizer, work, rank)
     if rank == 0:
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -1403,9 +1406,50 @@ RESUMABLE_CHANGES = {"output_dir", "logging_steps", "save_steps", "generation_ba
                      "sample_only"}  # settings a resumed run may change without changing its result
 
 
+PHASES = []  # (name, end time, peak host MiB, peak CUDA MiB or None) of each phase this process ran, in order
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def start_phases():
+    """Open a run's phase record: on the process's first run from its start (imports count, from /proc), else now."""
+    age = 0.0
+    if not PHASES:
+        try:  # seconds since boot now, less at the process's start
+            ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+            age = float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    PHASES[:] = [("", time.perf_counter() - age, 0.0, None)]
+
+
+def end_phase(name: str, device):
+    """Close the phase that ran since the previous one ended: record its end and peak memory, then reset the peaks
+    (the RSS high-water mark that getrusage reports, CUDA's allocator's) so that the next phase's are its own."""
+    cuda = device.type == "cuda"
+    PHASES.append((name, time.perf_counter(), peak_host_gb() * 1024,
+                   torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None))
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM and ru_maxrss
+    except OSError:
+        pass
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def report_phases(rank: int, world: int):
+    """One line per phase: wall seconds and peak memory (with several ranks, the largest over the ranks)."""
+    every = [None] * world
+    dist.all_gather_object(every, PHASES)
+    if rank == 0:
+        for k in range(1, min(map(len, every))):
+            rows = [(p[k][0], p[k][1] - p[k - 1][1], p[k][2], p[k][3]) for p in every]
+            cuda = "" if rows[0][3] is None else f", CUDA {max(r[3] for r in rows):,.0f} MiB"
+            print(f"phase {rows[0][0]:<12} {max(r[1] for r in rows):7.2f} s, peak host {max(r[2] for r in rows):,.0f} "
+                  f"MiB{cuda}" + (f" (largest of {world} ranks)" if world > 1 else ""))
 
 
 def init_distributed():
@@ -1477,8 +1521,10 @@ def run(cfg: Config):
     """sample -> filter -> train -> save, for each round; every phase resumes where a killed run stopped."""
     check_config(cfg)
     rank, world, device = init_distributed()
+    start_phases()
     try:
         run_rounds(cfg, rank, world, device)
+        report_phases(rank, world)
     except BaseException:
         if world == 1:  # with peers, just exit: torchrun stops them, while tearing the group down could hang on them
             dist.destroy_process_group()
@@ -1489,8 +1535,10 @@ def run(cfg: Config):
 def run_rounds(cfg: Config, rank: int, world: int, device):
     claim_output_dir(cfg, rank)
     prompts = load_prompts(cfg)  # a bad dataset fails here, before any model is loaded
+    end_phase("start", device)
     model_path = cfg.model_name_or_path
     for r in range(1, cfg.rounds + 1):
+        first = len(PHASES)
         # Round r < rounds works in output_dir/round-r; the last round's model is the run's, in output_dir.
         work = Path(cfg.output_dir) if r == cfg.rounds else Path(cfg.output_dir) / f"round-{r}"
         work.mkdir(parents=True, exist_ok=True)
@@ -1502,6 +1550,7 @@ def run_rounds(cfg: Config, rank: int, world: int, device):
             # Round r draws from seed + (r - 1) * 2^32 (the hash takes 64 bits): round 1 is the plain --seed, and a
             # later round never replays an earlier round's random numbers.
             sample_phase(cfg, prompts, model_path, work, rank, world, device, cfg.seed + ((r - 1) << 32))
+            end_phase("sample", device)
             if cfg.sample_only:
                 if rank == 0:
                     print(f"samples written to {work / 'samples.jsonl'}")
@@ -1511,6 +1560,9 @@ def run_rounds(cfg: Config, rank: int, world: int, device):
                 raise SSDError(f"the filter dropped all {total} samples in {work / 'samples.jsonl'}; "
                                "nothing to train on: check the prompts, --max_completion_length and the filters")
             train_phase(cfg, model_path, seqs, work, rank, world, device)
+            end_phase("save", device)
+        if cfg.rounds > 1:
+            PHASES[first:] = [(f"{r}: {p[0]}",) + p[1:] for p in PHASES[first:]]
         model_path = str(work)
     if rank == 0:
         print(f"done: the SSD model is in {cfg.output_dir}")
