@@ -358,9 +358,8 @@ class MoE(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update, as PEFT's LoRA computes it: x W^T + b +
-    (alpha / r) (dropout(x) A^T) B^T, A (r, in) and B (out, r) in fp32. It keeps the layer's own `weight` and
-    `bias`, so checkpoint names do not change; A and B are named as in PEFT's adapter files."""
+    """PEFT's LoRA: x W^T + b + (alpha / r) dropout(x) A^T B^T with W, b frozen and A (r, in), B (out, r) trained in
+    fp32. The layer's own `weight` and `bias` keep their checkpoint names; A and B are named as in PEFT's files."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: int, dropout: float):
         super().__init__()
@@ -405,12 +404,10 @@ def init_lora_(model, seed: int):
     global RNG, which draws the dropout masks, is seeded too (per rank), so a run does not depend on the process."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + (dist.get_rank() if dist.is_initialized() else 0))
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            a = nn.init.kaiming_uniform_(torch.empty(m.lora_A.shape), a=math.sqrt(5), generator=g)
-            (local, start), (b, _) = local_shard(m.lora_A), local_shard(m.lora_B)
-            local.copy_(a[start:start + len(local)])
-            b.zero_()
+    for m in (m for m in model.modules() if isinstance(m, LoRALinear)):
+        a = nn.init.kaiming_uniform_(torch.empty(m.lora_A.shape), a=math.sqrt(5), generator=g)
+        (local, start), (b, _) = local_shard(m.lora_A), local_shard(m.lora_B)
+        local.copy_(a[start:start + len(local)]), b.zero_()
 
 
 class Block(nn.Module):
@@ -660,15 +657,15 @@ def merge_lora_(weights: dict, adapter: dict, scale: float):
 def load_adapter(path: Path, device, dtype, shard, fill: bool):
     """load_model for a PEFT LoRA adapter directory: its base model with the adapter merged in."""
     from safetensors.torch import load_file
-    config = json.loads((path / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA" or any(config.get(k) for k in ("use_rslora", "use_dora", "rank_pattern",
-                                                                        "alpha_pattern", "modules_to_save")):
+    c = json.loads((path / "adapter_config.json").read_text())
+    if c.get("peft_type") != "LORA" or any(c.get(k) for k in ("use_rslora", "use_dora", "rank_pattern",
+                                                              "alpha_pattern", "modules_to_save")):
         raise SSDError(f"{path} is not a plain LoRA adapter (rsLoRA, DoRA, per-module ranks and extra modules are "
                        "not supported); merge it with peft and pass the merged model")
-    model, tokenizer = load_model(config["base_model_name_or_path"], device, dtype, shard, fill)
+    model, tokenizer = load_model(c["base_model_name_or_path"], device, dtype, shard, fill)
     if fill:
-        merge_lora_(dict(model.named_parameters()), load_file(path / "adapter_model.safetensors"),
-                    config["lora_alpha"] / config["r"])
+        adapter = load_file(path / "adapter_model.safetensors")
+        merge_lora_(dict(model.named_parameters()), adapter, c["lora_alpha"] / c["r"])
     return model, tokenizer
 
 
@@ -676,27 +673,21 @@ def save_lora(model: Transformer, tokenizer, out_dir, state_dict: dict, cfg: Con
     """The output of a LoRA run from its gathered weights (adapters in fp32): a PEFT adapter (adapter_config.json,
     adapter_model.safetensors with PEFT's key names, the tokenizer) that peft.PeftModel.from_pretrained loads onto
     `base`; or, with --merge_lora and in every round before the last (the next round samples from it), the full
-    checkpoint with the adapter merged in. Written like save_model: adapter_config.json comes last."""
+    checkpoint with the adapter merged in. adapter_config.json, which marks the round done, is written last."""
     from safetensors.torch import save_file
     out = Path(out_dir)
     adapter = {f"base_model.model.{k}.weight": state_dict.pop(k) for k in list(state_dict) if ".lora_" in k}
     if cfg.merge_lora or out != Path(cfg.output_dir):
         merge_lora_(state_dict, adapter, cfg.lora_alpha / cfg.lora_r)
         return save_model(model, tokenizer, out, state_dict=state_dict)
-    targets = sorted({k.split(".")[-3] for k in adapter})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
-              "lora_dropout": cfg.lora_dropout, "target_modules": targets, "bias": "none", "inference_mode": True,
+              "lora_dropout": cfg.lora_dropout, "target_modules": sorted({k.split(".")[-3] for k in adapter}),
               "base_model_name_or_path": str(Path(base).resolve()) if Path(base).is_dir() else base}
-    tmp = out / ".tmp-save"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(adapter, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    tokenizer.save_pretrained(tmp)
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     (out / "adapter_config.json").unlink(missing_ok=True)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "adapter_config.json"):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+    save_file(adapter, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    (out / "adapter_config.tmp").write_text(json.dumps(config, indent=2))
+    os.replace(out / "adapter_config.tmp", out / "adapter_config.json")
 
 
 # ---------------------------------------------------------------- batched KV-cached sampler ---------------------------
@@ -1423,7 +1414,8 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
                    "completion_tokens": n_targets, "tokens_per_s": tokens / seconds, "micro_batches": len(plan[0]),
                    "peak_host_memory_gb": peak_host_gb()}
             if device.type == "cuda":
-                # 6N per token, plus attention's 12 L H Q T per token of a sequence of T tokens: sum of T^2
+                # 6N per token (4N with LoRA: no weight gradients), plus attention's 12 L H Q T per token of a
+                # sequence of T tokens: sum of T^2
                 attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * sum(lengths[i] ** 2 for i in step_seqs)
                 if peak:
                     row["mfu"] = ((4 if cfg.lora_r else 6) * n_params * tokens + attn) / seconds / (peak * world)
@@ -1514,9 +1506,9 @@ def check_lora(cfg: Config):
     if cfg.merge_lora and not cfg.lora_r:
         raise SSDError("--merge_lora merges a LoRA adapter: set --lora_r > 0 too")
     if cfg.lora_r:
-        hf = json.loads((resolve_model_dir(cfg.model_name_or_path) / "config.json").read_text())
         with torch.device("meta"):
-            apply_lora(Transformer(model_config_from_hf(hf)), cfg)
+            apply_lora(Transformer(model_config_from_hf(json.loads(
+                (resolve_model_dir(cfg.model_name_or_path) / "config.json").read_text()))), cfg)
 
 
 def claim_output_dir(cfg: Config, rank: int):
