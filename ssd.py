@@ -88,6 +88,12 @@ class Config:
     logging_steps: int = 1  # metrics.jsonl row every N steps
     save_steps: int = 100  # resumable training state every N steps
     rounds: int = 1  # > 1: sample again from the model just trained and train again (iterated SSD)
+    # LoRA (the paper fine-tunes every weight; LoRA runs ablations on one GPU and usually wants a --learning_rate ~1e-4)
+    lora_r: int = 0  # rank of LoRA adapters trained on the frozen model (output: a PEFT adapter); 0 = full fine-tune
+    lora_alpha: int = 32  # the adapters' update is scaled by lora_alpha / lora_r (TRL's default)
+    lora_dropout: float = 0.05  # dropout on the adapters' input in training (TRL's default)
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated HF names
+    merge_lora: bool = False  # write the full model with the adapter merged in, instead of the PEFT adapter
 
 
 def parse_args(argv=None) -> Config:
@@ -351,6 +357,59 @@ class MoE(nn.Module):
         return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offs)[rows]
 
 
+class LoRALinear(nn.Module):
+    """PEFT's LoRA: x W^T + b + (alpha / r) dropout(x) A^T B^T with W, b frozen and A (r, in), B (out, r) trained in
+    fp32. The layer's own `weight` and `bias` keep their checkpoint names; A and B are named as in PEFT's files."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: int, dropout: float):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A = nn.Parameter(torch.zeros(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        self.scale, self.dropout = alpha / r, nn.Dropout(dropout)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) \
+            * self.scale
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def apply_lora(model, cfg: Config, device="cpu"):
+    """Freeze the model and put a LoRALinear on each linear layer named in --lora_target_modules (A and B still to
+    be filled: init_lora_). The frozen weights are held in bf16 on CUDA with --bf16 (FSDP computes in bf16 there
+    anyway), in fp32 elsewhere. --lora_r 0 leaves the model as it is."""
+    if not cfg.lora_r:
+        return model
+    targets = cfg.lora_target_modules.split(",")
+    if unknown := [t for t in targets if t not in LORA_TARGETS]:
+        raise SSDError(f"--lora_target_modules: unknown module {unknown[0]!r}; choose from {','.join(LORA_TARGETS)}")
+    if model.config.moe_layers and {"gate_proj", "up_proj", "down_proj"} & set(targets):
+        raise SSDError("LoRA on the MoE experts is not supported (they are stacked tensors, not linear layers); "
+                       "pass --lora_target_modules q_proj,k_proj,v_proj,o_proj")
+    bf16 = cfg.bf16 and torch.device(device).type == "cuda"
+    model.to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(False)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout))
+    return model
+
+
+@torch.no_grad()
+def init_lora_(model, seed: int):
+    """PEFT's start: A Kaiming-uniform (as nn.Linear's weights), B zero, so training starts from the base model.
+    A is drawn whole from `seed` and each FSDP rank keeps its rows: the same start on any number of ranks. The
+    global RNG, which draws the dropout masks, is seeded too (per rank), so a run does not depend on the process."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed + (dist.get_rank() if dist.is_initialized() else 0))
+    for m in (m for m in model.modules() if isinstance(m, LoRALinear)):
+        a = nn.init.kaiming_uniform_(torch.empty(m.lora_A.shape), a=math.sqrt(5), generator=g)
+        (local, start), (b, _) = local_shard(m.lora_A), local_shard(m.lora_B)
+        local.copy_(a[start:start + len(local)]), b.zero_()
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -491,6 +550,8 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.bfloat16, shard=None
     """
     from safetensors import safe_open
     from transformers import AutoTokenizer
+    if (Path(name_or_path) / "adapter_config.json").is_file():  # a PEFT LoRA adapter: its base, merged with it
+        return load_adapter(Path(name_or_path), device, dtype, shard, fill)
     model_dir = resolve_model_dir(name_or_path)
     hf = json.loads((model_dir / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -510,6 +571,8 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.bfloat16, shard=None
     model.inv_freq = rope_inv_freq(cfg).to(device)  # to_empty left the buffer uninitialised; keep it in fp32
     targets = {}  # checkpoint key -> where it goes: (local tensor, its first row, index in the parameter, shape)
     for name, p in model.named_parameters():
+        if name.endswith((".lora_A", ".lora_B")):
+            continue  # LoRA adapters are not in the checkpoint (init_lora_ fills them)
         local, start = local_shard(p)
         for key, where in checkpoint_pieces(name, p.shape, cfg):
             targets[key] = (local, start, where, torch.empty(p.shape, device="meta")[where].shape)
@@ -574,6 +637,57 @@ def save_model(model: Transformer, tokenizer, out_dir, state_dict=None, max_shar
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
         os.replace(f, out / f.name)
     tmp.rmdir()
+
+
+@torch.no_grad()
+def merge_lora_(weights: dict, adapter: dict, scale: float):
+    """Add scale * B @ A into each adapted weight in place (in fp32, rounded once to the weight's dtype). `weights`
+    maps our parameter names to tensors or FSDP shards (which take their rows of B); `adapter` has PEFT's keys."""
+    for key, a in adapter.items():
+        if key.endswith(".lora_A.weight"):
+            name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            if name not in weights:
+                raise SSDError(f"the adapter's {key} matches no weight of the model")
+            local, start = local_shard(weights[name])
+            b = adapter[key.replace(".lora_A.", ".lora_B.")][start:start + len(local)]
+            delta = b.to(local.device, torch.float32) @ a.to(local.device, torch.float32)
+            local.copy_((local.float() + scale * delta).to(local.dtype))
+
+
+def load_adapter(path: Path, device, dtype, shard, fill: bool):
+    """load_model for a PEFT LoRA adapter directory: its base model with the adapter merged in."""
+    from safetensors.torch import load_file
+    c = json.loads((path / "adapter_config.json").read_text())
+    if c.get("peft_type") != "LORA" or any(c.get(k) for k in ("use_rslora", "use_dora", "rank_pattern",
+                                                              "alpha_pattern", "modules_to_save")):
+        raise SSDError(f"{path} is not a plain LoRA adapter (rsLoRA, DoRA, per-module ranks and extra modules are "
+                       "not supported); merge it with peft and pass the merged model")
+    model, tokenizer = load_model(c["base_model_name_or_path"], device, dtype, shard, fill)
+    if fill:
+        adapter = load_file(path / "adapter_model.safetensors")
+        merge_lora_(dict(model.named_parameters()), adapter, c["lora_alpha"] / c["r"])
+    return model, tokenizer
+
+
+def save_lora(model: Transformer, tokenizer, out_dir, state_dict: dict, cfg: Config, base: str):
+    """The output of a LoRA run from its gathered weights (adapters in fp32): a PEFT adapter (adapter_config.json,
+    adapter_model.safetensors with PEFT's key names, the tokenizer) that peft.PeftModel.from_pretrained loads onto
+    `base`; or, with --merge_lora and in every round before the last (the next round samples from it), the full
+    checkpoint with the adapter merged in. adapter_config.json, which marks the round done, is written last."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    adapter = {f"base_model.model.{k}.weight": state_dict.pop(k) for k in list(state_dict) if ".lora_" in k}
+    if cfg.merge_lora or out != Path(cfg.output_dir):
+        merge_lora_(state_dict, adapter, cfg.lora_alpha / cfg.lora_r)
+        return save_model(model, tokenizer, out, state_dict=state_dict)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+              "lora_dropout": cfg.lora_dropout, "target_modules": sorted({k.split(".")[-3] for k in adapter}),
+              "base_model_name_or_path": str(Path(base).resolve()) if Path(base).is_dir() else base}
+    (out / "adapter_config.json").unlink(missing_ok=True)
+    save_file(adapter, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    (out / "adapter_config.tmp").write_text(json.dumps(config, indent=2))
+    os.replace(out / "adapter_config.tmp", out / "adapter_config.json")
 
 
 # ---------------------------------------------------------------- batched KV-cached sampler ---------------------------
@@ -1265,7 +1379,7 @@ def peak_host_gb() -> float:
 
 def adamw_state(model: Transformer) -> tuple:
     """(params, exp_avg, exp_avg_sq): the parameters the optimizer updates and AdamW's moments for them, zeroed."""
-    params = list(model.parameters())  # FSDP DTensors: the optimizer works on each rank's shard, p.to_local()
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates p.to_local()
     exp_avg = [torch.zeros_like(p.to_local()) for p in params]
     exp_avg_sq = [torch.zeros_like(p.to_local()) for p in params]
     return params, exp_avg, exp_avg_sq
@@ -1275,13 +1389,14 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
     """(model, tokenizer, AdamW state, first step): the sharded fp32 model fresh from the checkpoint, or as the last
     training state left it, with that state's moments, step and RNG (each rank reads only its own slices)."""
     state = load_state(state_dir, rank, world)
-    model, tokenizer = load_model(model_path, device, torch.float32, shard=lambda m: shard_model(m, cfg, device),
-                                  fill=state is None)
+    model, tokenizer = load_model(model_path, device, torch.float32, fill=state is None or cfg.lora_r > 0,
+                                  shard=lambda m: shard_model(apply_lora(m, cfg, device), cfg, device))
+    init_lora_(model, cfg.seed)
     model.checkpointing = cfg.gradient_checkpointing
     model.train()
     params, exp_avg, exp_avg_sq = opt = adamw_state(model)
-    shard_gb = sum(p.to_local().nbytes for p in params) / 2**30
-    print(f"[rank {rank}] {shard_gb:.2f} GB of fp32 weights on this rank; peak memory so far: host "
+    shard_gb = sum(p.to_local().nbytes for p in model.parameters()) / 2**30
+    print(f"[rank {rank}] {shard_gb:.2f} GB of weights on this rank; peak memory so far: host "
           f"{peak_host_gb():.2f} GB" + (f", device {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
                                         if device.type == "cuda" else ""))
     if state is None:
@@ -1334,27 +1449,30 @@ def log_metrics(path: Path, row: dict, model: Transformer, lengths: list, second
                                                                                          ".down_proj")))
             n_params -= stacked * (1 - mcfg.experts_per_token / mcfg.num_experts)
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-        # 6N per token, plus attention's 12 L H Q T per token of a sequence of T tokens: sum of T^2
+        # 6N per token (4N for frozen weights, which get no weight gradients: LoRA), plus attention's 12 L H Q T
+        # per token of a sequence of T tokens: sum of T^2
         attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * sum(n ** 2 for n in lengths)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if peak:
-            row["mfu"] = (6 * n_params * sum(lengths) + attn) / seconds / (peak * world)
+            row["mfu"] = ((4 * n_params + 2 * trained) * sum(lengths) + attn) / seconds / (peak * world)
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
-def save_trained(model: Transformer, tokenizer, work: Path, rank: int):
-    """Gather the trained weights one tensor at a time (rank 0 holds the model once, in the checkpoint's dtype) and
-    save them to `work`."""
+def save_trained(model: Transformer, tokenizer, work: Path, rank: int, cfg: Config, model_path: str):
+    """Gather the trained weights one tensor at a time (rank 0 holds the model once, in the checkpoint's dtype; LoRA
+    adapters in fp32) and save them to `work`: the model, or with --lora_r the PEFT adapter (merged: --merge_lora)."""
     hf = model.config.hf_config
     dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
     full = {}
     for name, p in model.named_parameters():
         gathered = p.full_tensor()
         if rank == 0:
-            full[name] = gathered.to(device="cpu", dtype=dtype)
+            full[name] = gathered.to(device="cpu", dtype=torch.float32 if ".lora_" in name else dtype)
     if rank == 0:
-        save_model(model, tokenizer, work, state_dict=full)
+        save_lora(model, tokenizer, work, full, cfg, model_path) if cfg.lora_r else \
+            save_model(model, tokenizer, work, state_dict=full)
 
 
 def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int, world: int, device):
@@ -1390,7 +1508,7 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
                                    "exp_avg_sq": opt[2]}, rank)
     bar.close()
     end_phase("train", device)
-    save_trained(model, tokenizer, work, rank)
+    save_trained(model, tokenizer, work, rank, cfg, model_path)
     if rank == 0:
         shutil.rmtree(state_dir, ignore_errors=True)
     del model, opt
@@ -1484,6 +1602,7 @@ def check_config(cfg: Config):
     for ok, message in checks:
         if not ok:
             raise SSDError(message)
+    check_lora(cfg)
     try:
         check_sampling_args(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)  # the sampler's own rules, once
     except ValueError as e:
@@ -1493,6 +1612,18 @@ def check_config(cfg: Config):
             raise ValueError
     except ValueError:
         raise SSDError(f"--chat_template_kwargs must be a JSON object, got {cfg.chat_template_kwargs!r}") from None
+
+
+def check_lora(cfg: Config):
+    """The LoRA flags, and whether the model takes them (built on the meta device), before anything is sampled."""
+    if cfg.lora_r < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
+        raise SSDError("--lora_r must be >= 0 (0 = off), --lora_alpha > 0 and --lora_dropout in [0, 1)")
+    if cfg.merge_lora and not cfg.lora_r:
+        raise SSDError("--merge_lora merges a LoRA adapter: set --lora_r > 0 too")
+    if cfg.lora_r:
+        with torch.device("meta"):
+            apply_lora(Transformer(model_config_from_hf(json.loads(
+                (resolve_model_dir(cfg.model_name_or_path) / "config.json").read_text()))), cfg)
 
 
 def claim_output_dir(cfg: Config, rank: int):
@@ -1542,7 +1673,7 @@ def run_rounds(cfg: Config, rank: int, world: int, device):
         # Round r < rounds works in output_dir/round-r; the last round's model is the run's, in output_dir.
         work = Path(cfg.output_dir) if r == cfg.rounds else Path(cfg.output_dir) / f"round-{r}"
         work.mkdir(parents=True, exist_ok=True)
-        if (work / "config.json").exists():
+        if (work / "config.json").exists() or (work / "adapter_config.json").exists():
             print(f"round {r}: model already trained in {work}")
             if rank == 0:  # a kill between the final save and this cleanup leaves the state behind
                 shutil.rmtree(work / "train_state", ignore_errors=True)
