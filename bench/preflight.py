@@ -6,6 +6,7 @@ fell back. Flags are ssd.py's (--no-cuda_graphs etc. route around a fast path; -
 shape the paged kernel is tested with).
 """
 
+import shlex
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ def run_check(command: str, limit: int) -> tuple:
     """(result, the figure to show: the last markdown table row or pytest's summary line, full output)."""
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, *command.split()], cwd=ROOT, text=True, capture_output=True, timeout=limit)
+        p = subprocess.run([sys.executable, *shlex.split(command)], cwd=ROOT, text=True, capture_output=True,
+                           timeout=limit)
         out, result = p.stdout + p.stderr, "ok" if p.returncode == 0 else f"failed (exit {p.returncode})"
     except subprocess.TimeoutExpired as e:
         text = [x.decode() if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
