@@ -26,7 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ssd_kernels import check_sampling_args, paged_decode_attention, sample_next_token
+from ssd_kernels import (
+    check_paged_attention,
+    check_sampler,
+    check_sampling_args,
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    sample_next_token,
+    sample_next_token_reference,
+)
 
 
 class SSDError(RuntimeError):
@@ -94,6 +102,43 @@ class Config:
     lora_dropout: float = 0.05  # dropout on the adapters' input in training (TRL's default)
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated HF names
     merge_lora: bool = False  # write the full model with the adapter merged in, instead of the PEFT adapter
+    # CUDA fast paths: each is checked against its torch reference at startup, and replaced by it if it fails there
+    fused_sampler: bool = True  # the fused Triton sampler (off: the torch reference sampler)
+    paged_attention: bool = True  # the Triton paged decode-attention kernel (off: the torch reference)
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (off: launch them one by one)
+    flash_varlen: bool = True  # flash attention's varlen kernel for packed bf16 rows (off: one SDPA per sequence)
+    grouped_mm: bool = True  # one F.grouped_mm for all MoE experts in bf16 (off: a loop over the experts)
+    dist_timeout: float = 30.0  # minutes a rank waits for the others at a collective before the run stops
+    preflight: bool = False  # check this GPU machine (self-tests, CUDA tests, benchmarks, a training step) and exit
+
+
+# The fast paths in use: the flags above, less any that failed its self-test or, detectably, later in the run.
+FAST_PATHS = dict.fromkeys(("fused_sampler", "paged_attention", "cuda_graphs", "flash_varlen", "grouped_mm"), True)
+FAST_PATH_DEVICES = ("cuda",)  # the device types that have them; every other device runs the torch references
+FAST_PATH_STATUS = {}  # path -> "ok", "off (why)" or "fell back (error)": what self_test found, and any fall-back since
+
+
+def fall_back(name: str, error: BaseException, when: str = "during the run"):
+    """Turn fast path `name` off for the rest of the run, with one warning line naming it and the error."""
+    FAST_PATHS[name] = False
+    if not FAST_PATH_STATUS.get(name, "").startswith("fell back"):
+        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        FAST_PATH_STATUS[name] = f"fell back ({reason})"
+        print(f"warning: fast path {name} failed {when} ({reason}); its torch reference replaces it for the rest of "
+              f"the run (--no-{name} skips it)", file=sys.stderr, flush=True)
+
+
+def call_fast(name: str, fast, reference, *args, **kwargs):
+    """`fast` while FAST_PATHS[name] is on, else `reference`. Triton raises its errors (out of resources, a failed
+    compile) on the host before anything is launched, so the reference can take over at once, safely."""
+    if FAST_PATHS[name]:
+        try:
+            return fast(*args, **kwargs)
+        except Exception as e:
+            if not type(e).__module__.startswith("triton"):
+                raise
+            fall_back(name, e)
+    return reference(*args, **kwargs)
 
 
 def parse_args(argv=None) -> Config:
@@ -252,7 +297,7 @@ def document_attention(q, k, v, docs: Documents):
     which, unlike one masked SDPA over the row, computes no pair of tokens from different sequences and builds no
     (tokens x tokens) mask."""
     gqa = k.shape[2] != q.shape[2]
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and FAST_PATHS["flash_varlen"]:
         from torch.nn.attention.varlen import varlen_attn
         longest = max(docs.lens)
         return varlen_attn(q[0], k[0], v[0], docs.cu_lens, docs.cu_lens, longest, longest, window_size=(-1, 0),
@@ -295,7 +340,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
             y = y.transpose(1, 2)
         else:  # decode: each row's one query over its own blocks and length (Triton on CUDA)
-            y = paged_decode_attention(q[:, 0], cache.k[self.layer], cache.v[self.layer], cache.tables, cache.lens)
+            y = call_fast("paged_attention", paged_decode_attention, paged_decode_attention_reference, q[:, 0],
+                          cache.k[self.layer], cache.v[self.layer], cache.tables, cache.lens)
         return self.o_proj(y.reshape(B, T, -1))
 
 
@@ -333,7 +379,7 @@ class MoE(nn.Module):
         order = experts.flatten().argsort(stable=True)
         tokens, chosen = order // self.top_k, experts.flatten()[order]
         counts = torch.bincount(chosen, minlength=len(self.down_proj))
-        if x.is_cuda and x.dtype == torch.bfloat16:  # one grouped matmul for all experts, no host sync
+        if x.is_cuda and x.dtype == torch.bfloat16 and FAST_PATHS["grouped_mm"]:  # all experts at once, no host sync
             y = self.grouped_experts(x[tokens], chosen, counts)
         else:  # a plain loop over the experts that have tokens (one host sync)
             ends = counts.cumsum(0).tolist()
@@ -783,12 +829,18 @@ class GraphedDecode:
     def __init__(self, step, width: int, rows: int, device):
         self.step, self.width, self.device, self.graphs, self.pool = step, width, device, {}, None
         self.sizes = sorted({s for s in GRAPH_BATCHES if s < rows} | {rows})
+        self.eager = eager_decode(step)
 
     def __call__(self, tokens, positions, tables, seq_ids, steps: int) -> torch.Tensor:
         n = len(tokens)
         size = next(s for s in self.sizes if s >= n)
-        if size not in self.graphs:
-            self.capture(size)
+        if size not in self.graphs and FAST_PATHS["cuda_graphs"]:
+            try:
+                self.capture(size)
+            except Exception as e:  # nothing ran in the capture: the eager steps start from the same state
+                fall_back("cuda_graphs", e, f"to capture a decode graph of {size} rows")
+        if not FAST_PATHS["cuda_graphs"]:
+            return self.eager(tokens, positions, tables, seq_ids, steps)
         graph, buf = self.graphs[size]
         for name, value in (("tokens", tokens), ("positions", positions), ("seq_ids", seq_ids)):
             buf[name].zero_()
@@ -857,7 +909,8 @@ class Engine:
         def step(*state):
             return decode_step(model, self.cache, draw, *state)
         width = -(-(length + RETIRE_EVERY) // block_size)  # a row's table: its length and a window past its end
-        self.decode = GraphedDecode(step, width, rows, w.device) if w.device.type == "cuda" else eager_decode(step)
+        graphs = FAST_PATHS["cuda_graphs"] and w.device.type in FAST_PATH_DEVICES
+        self.decode = GraphedDecode(step, width, rows, w.device) if graphs else eager_decode(step)
 
     def blocks_needed(self, n_tokens: int, n_prompt: int) -> int:
         """Blocks a sequence of n_tokens (the newest one not cached yet) writes into by the end of the next window."""
@@ -950,8 +1003,8 @@ class Engine:
         widest = max(len(s.blocks) for s in rows)
         positions = [len(s.tokens) - 1 for s in rows]
         tables = torch.tensor([s.blocks + [0] * (widest - len(s.blocks)) for s in rows], dtype=torch.int32)
-        if device.type != "cuda":  # a window may run past a row's blocks into block 0: widen the table to cover it
-            tables = F.pad(tables, (0, max(0, -(-(max(positions) + steps) // bs) - widest)))
+        # a window may run past a row's blocks into block 0: widen the table to cover it
+        tables = F.pad(tables, (0, max(0, -(-(max(positions) + steps) // bs) - widest)))
         out = self.decode(torch.tensor([s.tokens[-1] for s in rows], device=device),
                           torch.tensor(positions, device=device), tables.to(device),
                           torch.tensor([s.seq_id for s in rows], device=device), steps).T.tolist()
@@ -1006,8 +1059,9 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
     def draw(logits, seq_ids, positions):
         if greedy:
             return logits.argmax(-1)
-        return sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                                 seq_ids=seq_ids, positions=positions)
+        return call_fast("fused_sampler", sample_next_token, sample_next_token_reference, logits, seed=seed,
+                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seq_ids=seq_ids,
+                         positions=positions)
 
     results = [[None] * num_samples for _ in prompts]
     bar = tqdm(total=len(prompts) * num_samples, unit="completion", disable=not progress, dynamic_ncols=True)
@@ -1035,6 +1089,92 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
         run = engine.stats
         stats.update(run, rows=run["rows"] / max(1, run["decode_steps"]), seconds=time.perf_counter() - t0)
     return results
+
+
+# Self-test of the fast paths: each runs once on a small input against its torch reference, before any weights load.
+
+def agree(name: str, run, tol: float):
+    """The tensors run() returns with fast path `name` on must match those with it off (its reference)."""
+    FAST_PATHS[name] = True
+    fast = run()
+    if not FAST_PATHS[name]:
+        raise RuntimeError(f"{name} fell back while it ran")  # its warning named the error
+    FAST_PATHS[name] = False
+    reference = run()
+    FAST_PATHS[name] = True
+    for a, b in zip(fast, reference, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def check_graphs(device):
+    """Decode windows of a tiny random model replayed from CUDA graphs (padding rows, several batch sizes, refills,
+    rows ending early) against the same steps launched one by one: the same tokens."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Transformer(model_config_from_hf(dict(
+            model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256))).to(device)
+        model.model.embed_tokens.weight.data.mul_(0.2)  # tied head: logits spread enough for the draws to vary
+        prompts = [torch.randint(0, 256, (n,)).tolist() for n in (3, 17, 40, 9, 25, 1, 33)]
+    kw = dict(max_new_tokens=20, num_samples=2, temperature=1.0, seed=1, batch_size=5, block_size=16,
+              eos_token_ids=list(range(24)), progress=False)
+    agree("cuda_graphs", lambda: [torch.tensor(c.tokens) for cs in generate(model, prompts, **kw) for c in cs], 0)
+
+
+def check_varlen_and_grouped_mm(device, name: str):
+    """Packed bf16 rows through flash attention's varlen kernel (with GQA) against one SDPA per sequence, or MoE
+    experts through F.grouped_mm against the loop over experts (some get no token): outputs and gradients."""
+    from types import SimpleNamespace
+    g = torch.Generator(device).manual_seed(0)
+    moe = MoE(SimpleNamespace(hidden_size=64, num_experts=16, experts_per_token=2, moe_intermediate_size=32,
+                              norm_topk_prob=True)).to(device, torch.bfloat16)
+    for p in moe.parameters():
+        p.data.normal_(0, 0.2, generator=g)
+    lens = [1, 37, 128, 90]
+    docs = Documents(F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(device, torch.int32), lens)
+    qkv = [torch.randn(1, sum(lens), h, 64, generator=g, device=device, dtype=torch.bfloat16) for h in (8, 2, 2)]
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in ([qkv[0][:, :6, 0]] if name == "grouped_mm" else qkv)]
+        y = moe(*leaves) if name == "grouped_mm" else document_attention(*leaves, docs)
+        weights = [moe.gate_up_proj, moe.down_proj] if name == "grouped_mm" else []
+        return [y, *torch.autograd.grad(y.float().square().sum(), leaves + weights)]
+    agree(name, run, 5e-2)
+
+
+def self_test(device, enabled: dict, model_path: str = "", sampling=()) -> dict:
+    """Check every fast path the flags `enabled` allow and the device has; set FAST_PATHS and return each path's
+    status: "ok", "off (flag)", "off (<device>)" or "fell back (<error>)". `sampling` adds the run's own (T, top-k,
+    top-p, min-p) to the sampler's cases; the paged kernel is compiled for the model's head shape when its
+    config.json is at hand (else Qwen3-4B's). One that fails on any rank is off on every rank."""
+    config = Path(model_path) / "config.json"
+    mcfg = model_config_from_hf(json.loads(config.read_text())) if model_path and config.is_file() else None
+    heads = (mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim) if mcfg else (32, 8, 128)
+    checks = dict(fused_sampler=lambda: check_sampler(sample_next_token, device, extra=sampling),
+                  paged_attention=lambda: check_paged_attention(paged_decode_attention, device, *heads, KV_BLOCK),
+                  cuda_graphs=lambda: check_graphs(device), flash_varlen=lambda: check_varlen_and_grouped_mm(
+                      device, "flash_varlen"), grouped_mm=lambda: check_varlen_and_grouped_mm(device, "grouped_mm"))
+    status = FAST_PATH_STATUS
+    status.clear()
+    for name, check in checks.items():
+        FAST_PATHS[name] = bool(enabled[name])
+        if not FAST_PATHS[name] or device.type not in FAST_PATH_DEVICES:
+            status[name] = "off (flag)" if not FAST_PATHS[name] else f"off ({device.type})"
+        elif name == "cuda_graphs" and not (FAST_PATHS["fused_sampler"] and FAST_PATHS["paged_attention"]):
+            FAST_PATHS[name], status[name] = False, "off (its references sync with the host)"
+        else:
+            try:
+                check()
+                status[name] = "ok"
+            except Exception as e:
+                fall_back(name, e, "its self-test")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        on = torch.tensor([FAST_PATHS[n] for n in checks], dtype=torch.int32, device=device)
+        dist.all_reduce(on, op=dist.ReduceOp.MIN)
+        for name, ok in zip(checks, on.tolist()):
+            if FAST_PATHS[name] and not ok:
+                FAST_PATHS[name], status[name] = False, "fell back (on another rank)"
+    return dict(status)
 
 
 # ---------------------------------------------------------------- SSD data phase --------------------------------------
@@ -1188,7 +1328,7 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the sampling weights and KV cache back before training loads fp32 weights
-    barrier()
+    barrier(long_wait=True)  # the other ranks may still be sampling
     if rank == 0:
         records = [r for w in range(world) for r in read_jsonl(work / f"samples-part{w}-of-{world}.jsonl")]
         records = apply_filters(sorted(records, key=lambda r: (r["prompt_index"], r["sample_index"])), cfg)
@@ -1521,15 +1661,16 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
 # ---------------------------------------------------------------- main ------------------------------------------------
 
 RESUMABLE_CHANGES = {"output_dir", "logging_steps", "save_steps", "generation_batch_size", "cache_tokens",
-                     "sample_only"}  # settings a resumed run may change without changing its result
+                     "sample_only", "dist_timeout", "preflight", *FAST_PATHS}  # a resumed run may change these
+WAIT_GROUP = [None]  # a gloo group whose barrier waits out the other ranks' sampling (hours, not --dist_timeout)
 
 
 PHASES = []  # (name, end time, peak host MiB, peak CUDA MiB or None) of each phase this process ran, in order
 
 
-def barrier():
+def barrier(long_wait: bool = False):
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=WAIT_GROUP[0] if long_wait else None)
 
 
 def start_phases():
@@ -1570,10 +1711,11 @@ def report_phases(rank: int, world: int):
                   f"MiB{cuda}" + (f" (largest of {world} ranks)" if world > 1 else ""))
 
 
-def init_distributed():
+def init_distributed(timeout_minutes: float = 30.0):
     """(rank, world, device): torchrun's process group (NCCL on GPU, gloo on CPU), or a group of one.
 
-    A single process gets a one-rank group too, so training always takes the same FSDP path.
+    A single process gets a one-rank group too, so training always takes the same FSDP path. Every collective
+    gives up after `timeout_minutes`, so a rank that died or hangs stops the others instead of holding them for hours.
     """
     import datetime
     cuda = torch.cuda.is_available()
@@ -1581,9 +1723,9 @@ def init_distributed():
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(hours=12)  # ranks wait at barriers while the slowest finishes sampling
     alone = {} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **alone)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes), **alone)
+    WAIT_GROUP[0] = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=12)) if world > 1 else None
     return rank, world, device
 
 
@@ -1598,6 +1740,7 @@ def check_config(cfg: Config):
              cfg.rounds, cfg.max_tokens_per_microbatch) > 0,
          "lengths, counts, batch sizes and step intervals must be positive"),
         (cfg.max_steps > 0 or cfg.num_train_epochs > 0, "set --max_steps > 0 or --num_train_epochs > 0"),
+        (cfg.dist_timeout > 0, "--dist_timeout must be a positive number of minutes"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1648,23 +1791,40 @@ def claim_output_dir(cfg: Config, rank: int):
         raise SSDError(problem[0])
 
 
+def record_fast_paths(cfg: Config, rank: int):
+    """Keep the fast paths' status in ssd_config.json (rank 0's, which the self-test made the same on every rank)."""
+    record = Path(cfg.output_dir) / "ssd_config.json"
+    if rank == 0:
+        record.write_text(json.dumps(json.loads(record.read_text()) | {"fast_paths": FAST_PATH_STATUS}, indent=2))
+
+
 def run(cfg: Config):
     """sample -> filter -> train -> save, for each round; every phase resumes where a killed run stopped."""
     check_config(cfg)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout)
     start_phases()
     try:
         run_rounds(cfg, rank, world, device)
+        record_fast_paths(cfg, rank)  # with any path that fell back during the run
         report_phases(rank, world)
-    except BaseException:
+    except BaseException as e:
         if world == 1:  # with peers, just exit: torchrun stops them, while tearing the group down could hang on them
             dist.destroy_process_group()
+        elif isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and ("gloo" in str(e) or "NCCL" in str(e)):
+            raise SSDError(f"rank {rank} of {world}: a collective failed or timed out (--dist_timeout "
+                           f"{cfg.dist_timeout} min): {str(e).strip().splitlines()[0][:300]}; another rank died or "
+                           "hangs (see its log); rerun the same command to resume from the last saved state") from None
         raise
     dist.destroy_process_group()
 
 
 def run_rounds(cfg: Config, rank: int, world: int, device):
     claim_output_dir(cfg, rank)
+    status = self_test(device, {name: getattr(cfg, name) for name in FAST_PATHS}, cfg.model_name_or_path,
+                       [(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)])  # before any weights load
+    if rank == 0:
+        print("fast paths: " + ", ".join(f"{name} {s}" for name, s in status.items()))
+    record_fast_paths(cfg, rank)
     prompts = load_prompts(cfg)  # a bad dataset fails here, before any model is loaded
     end_phase("start", device)
     model_path = cfg.model_name_or_path
@@ -1702,6 +1862,11 @@ def run_rounds(cfg: Config, rank: int, world: int, device):
 def main(argv=None):
     cfg = parse_args(argv)
     try:
+        if cfg.preflight:  # bench/preflight.py, with this command line's flags
+            if not torch.cuda.is_available():
+                raise SSDError("--preflight checks a GPU machine, and this one has no CUDA device")
+            import runpy
+            sys.exit(runpy.run_path(str(Path(__file__).resolve().parent / "bench" / "preflight.py"))["main"](cfg))
         run(cfg)
     except SSDError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,11 +5,13 @@ repository root would shadow it.
 """
 
 from .paged_attention import (
+    check_paged_attention,
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_decode_attention_triton,
 )
 from .sampling import (
+    check_sampler,
     check_sampling_args,
     filter_logits,
     portable_log,
@@ -20,6 +22,6 @@ from .sampling import (
     token_uniform,
 )
 
-__all__ = ["check_sampling_args", "filter_logits", "paged_decode_attention", "paged_decode_attention_reference",
-           "paged_decode_attention_triton", "portable_log", "race_keys", "row_keys", "sample_next_token",
-           "sample_next_token_reference", "token_uniform"]
+__all__ = ["check_paged_attention", "check_sampler", "check_sampling_args", "filter_logits", "paged_decode_attention",
+           "paged_decode_attention_reference", "paged_decode_attention_triton", "portable_log", "race_keys", "row_keys",
+           "sample_next_token", "sample_next_token_reference", "token_uniform"]

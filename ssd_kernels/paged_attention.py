@@ -235,3 +235,27 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
     if q.is_cuda:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
     return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def check_paged_attention(attend, device, heads=32, kv_heads=8, dim=128, block_size=256, dtype=torch.bfloat16):
+    """Raise AssertionError unless attend(q, k_cache, v_cache, tables, lens) matches the reference within bf16
+    tolerance: rows idle, of one token, of exactly one block and longer; shuffled tables with a shared block;
+    1e30 wherever no row attends. A few rows (split across the table, merged) and many (one split, no merge)."""
+    gen = torch.Generator().manual_seed(0)
+    for lens in ([0, 1, block_size, 3 * block_size + 5, 2 * block_size - 1, 17], [1 + i % 40 for i in range(40)]):
+        batch, width = len(lens), -(-max(lens) // block_size)
+        num_blocks = batch * width + 3
+        tables = torch.randperm(num_blocks, generator=gen)[:batch * width].view(batch, width)
+        tables[1::2, 0] = tables[0::2, 0]  # odd rows share their neighbour's first block (as a prompt's samples do)
+        k, v = (torch.full((num_blocks, kv_heads, block_size, dim), 1e30) for _ in "kv")
+        for b, n in enumerate(lens):
+            t = torch.arange(n)
+            for cache in (k, v):
+                cache[tables[b, t // block_size], :, t % block_size] = torch.randn(n, kv_heads, dim, generator=gen)
+        q = torch.randn(batch, heads, dim, generator=gen)
+        args = [x.to(device, dtype) for x in (q, k, v)] + [tables.int().to(device), torch.tensor(lens).int().to(device)]
+        got, want = attend(*args), paged_decode_attention_reference(*args)
+        if got.shape != want.shape or not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
+            err = (got.float() - want.float()).abs().max().item() if got.shape == want.shape else got.shape
+            raise AssertionError(f"paged attention differs from the reference by {err} (H {heads}, KV {kv_heads}, "
+                                 f"D {dim}, block {block_size}, lens {lens})")

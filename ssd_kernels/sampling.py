@@ -181,3 +181,47 @@ def sample_next_token(logits, *, temperature, top_k=0, top_p=1.0, min_p=0.0, see
                                         seed=seed, seq_ids=seq_ids, positions=positions)
     return sample_next_token_reference(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                        seed=seed, seq_ids=seq_ids, positions=positions)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Self-test: a sampler against the reference on adversarial rows, where every filter decision is far from a float
+# borderline, so that a correct kernel must draw exactly the reference's tokens.
+
+SELF_TEST_SETTINGS = ((1.6, 20, 0.8, 0.0), (1.0, 0, 0.95, 0.0), (0.7, 0, 1.0, 0.05), (1.0, 0, 1.0, 0.0),
+                      (1.1, 2000, 0.9, 0.01), (1.0, 1, 1.0, 0.0))  # (T, top-k, top-p, min-p): every kernel variant
+
+
+def adversarial_logits(vocab, device, gen):
+    """[10, vocab] fp32 rows: all -inf; one finite token; 50 tokens tied at the max (across the top-k boundary and
+    the top-p tie rule); the whole vocabulary tied; three well-separated levels with -inf between them; the max at
+    the last id; huge magnitudes; and three LM-like random rows."""
+    neg = float("-inf")
+    rows = torch.full((10, vocab), neg)
+    rows[1, vocab // 3] = 2.0
+    rows[2] = -20.0
+    rows[2, torch.randperm(vocab, generator=gen)[:50]] = 5.0
+    rows[3] = 0.0
+    rows[4, ::7], rows[4, 3::101], rows[4, 5::1009] = 1.0, 6.0, 9.0
+    rows[5] = -5.0
+    rows[5, -1], rows[5, :40] = 3.0, 2.5
+    rows[6] = torch.randn(vocab, generator=gen) * 3e3
+    rows[7:] = torch.randn(3, vocab, generator=gen) * 2.5
+    rows[7:].scatter_add_(1, torch.randint(0, vocab, (3, 40), generator=gen), torch.rand(3, 40, generator=gen) * 12)
+    return rows.to(device)
+
+
+def check_sampler(sample, device, vocab=151_936, extra=()):
+    """Raise AssertionError unless sample(logits, ...) draws the reference's tokens, in fp32 and bf16, for every
+    setting of SELF_TEST_SETTINGS and `extra`, at seq ids and positions that use all 64 bits of the hash input."""
+    gen = torch.Generator().manual_seed(0)
+    base = adversarial_logits(vocab, "cpu", gen)
+    seq_ids = torch.tensor([0, 1, 2**40 + 3, 7, 2**33, 5, 6, 9, 2**62, 11], device=device)
+    positions = torch.tensor([0, 5, 1, 2**35, 9, 4, 3, 65535, 2, 8], device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = base.to(dtype).to(device)
+        for t, k, p, min_p in SELF_TEST_SETTINGS + tuple(extra):
+            kw = dict(temperature=t, top_k=k, top_p=p, min_p=min_p, seed=1234, seq_ids=seq_ids, positions=positions)
+            got, want = sample(logits, **kw), sample_next_token_reference(logits, **kw)
+            if got.shape != want.shape or not torch.equal(got.cpu(), want.cpu()):
+                raise AssertionError(f"tokens {got.tolist()} != reference {want.tolist()} at T={t} top_k={k} "
+                                     f"top_p={p} min_p={min_p}, {dtype}, vocab {vocab}")

@@ -175,3 +175,10 @@ def test_moe_grouped_matmul_matches_the_expert_loop():
     loop = moe(x)
     grouped = moe.to(torch.bfloat16)(x.bfloat16())
     torch.testing.assert_close(grouped.float(), loop, atol=5e-2, rtol=5e-2)
+
+
+def test_self_test_passes_every_fast_path_on_cuda(tiny_model_dir):
+    """The startup self-test on this GPU: every fast path compiles, runs and agrees with its reference (a failure
+    here is what a run would warn about and route around)."""
+    status = ssd.self_test(torch.device("cuda"), dict.fromkeys(ssd.FAST_PATHS, True), str(tiny_model_dir))
+    assert status == dict.fromkeys(ssd.FAST_PATHS, "ok"), status
