@@ -1794,8 +1794,9 @@ def claim_output_dir(cfg: Config, rank: int):
 def record_fast_paths(cfg: Config, rank: int):
     """Keep the fast paths' status in ssd_config.json (rank 0's, which the self-test made the same on every rank)."""
     record = Path(cfg.output_dir) / "ssd_config.json"
-    if rank == 0:
-        record.write_text(json.dumps(json.loads(record.read_text()) | {"fast_paths": FAST_PATH_STATUS}, indent=2))
+    before = json.loads(record.read_text()) if rank == 0 else {}
+    if rank == 0 and before.get("fast_paths") != FAST_PATH_STATUS:  # a finished run's rerun rewrites nothing
+        record.write_text(json.dumps(before | {"fast_paths": FAST_PATH_STATUS}, indent=2))
 
 
 def run(cfg: Config):

@@ -226,3 +226,32 @@ def test_default_cache_tokens_on_cuda_fills_80_percent_of_free_memory(tiny, monk
     assert tokens * per_token <= 0.8 * free < (tokens + 1) * per_token
     monkeypatch.undo()
     assert ssd.default_cache_tokens(tiny, 64, 4096) == 64 * 4096  # CPU: every row at full length
+
+
+def test_fsdp_bf16_compute_keeps_fp32_master_weights(tiny_model_dir):
+    """shard_model's CUDA branch (its device is used for that choice only, so a stand-in with type "cuda" takes it
+    on CPU): FSDP2 computes in bf16 from fp32 master weights and hands back fp32 gradients, close to fp32 training's."""
+    from types import SimpleNamespace
+
+    from test_train import tiny_seqs
+    rank, world, device = ssd.init_distributed()
+    try:
+        inputs, positions, targets, docs = ssd.pack(tiny_seqs(n=3), "cpu")
+        results = []
+        for standin in (SimpleNamespace(type="cuda"), torch.device("cpu")):
+            model, _ = ssd.load_model(str(tiny_model_dir), "cpu", torch.float32,
+                                      shard=lambda m, d=standin: ssd.shard_model(m, ssd.Config(), d))
+            seen = []
+            model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o, s=seen: s.append(i[0].dtype))
+            loss = model(inputs, positions, docs, targets=targets)
+            loss.backward()
+            params = list(model.parameters())
+            assert all(p.to_local().dtype == torch.float32 and p.grad.to_local().dtype == torch.float32 for p in params)
+            results.append((seen[0], loss.item(), [p.grad.full_tensor() for p in params]))
+        (bf16_dtype, bf16_loss, bf16_grads), (fp32_dtype, fp32_loss, fp32_grads) = results
+        assert (bf16_dtype, fp32_dtype) == (torch.bfloat16, torch.float32)
+        assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2) and bf16_loss != fp32_loss
+        for g, ref in zip(bf16_grads, fp32_grads):  # bf16's 8-bit mantissa, through 2 layers of 6x-gain weights
+            assert (g - ref).norm() <= 0.1 * ref.norm() + 1e-6
+    finally:
+        ssd.dist.destroy_process_group()
