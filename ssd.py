@@ -905,9 +905,10 @@ class Engine:
                              torch.zeros(shape, device=w.device, dtype=w.dtype))
         self.pool, self.queue, self.running = BlockPool(shape[1]), deque(), []
         self.stats = dict(decode_steps=0, rows=0, peak_rows=0, preemptions=0, prefill_tokens=0, tokens=0)
+        cache = self.cache  # not self: a cycle through the engine would keep the pool alive until gc runs
 
         def step(*state):
-            return decode_step(model, self.cache, draw, *state)
+            return decode_step(model, cache, draw, *state)
         width = -(-(length + RETIRE_EVERY) // block_size)  # a row's table: its length and a window past its end
         graphs = FAST_PATHS["cuda_graphs"] and w.device.type in FAST_PATH_DEVICES
         self.decode = GraphedDecode(step, width, rows, w.device) if graphs else eager_decode(step)
@@ -1192,14 +1193,26 @@ def load_prompts(cfg: Config) -> list:
 
     Empty prompts become None so prompt indices stay the dataset's row indices.
     """
+    path = Path(cfg.dataset_path)
+    if cfg.dataset_path and not path.is_dir() and path.suffix not in LOCAL_FORMATS:
+        raise SSDError(f"--dataset_path {path}: expected a {'/'.join(LOCAL_FORMATS)} file or a save_to_disk folder")
+    if cfg.dataset_path and not path.exists():
+        raise SSDError(f"--dataset_path {path} does not exist")
+    if path.suffix == ".jsonl" and path.is_file():  # the json module: `datasets` and pyarrow cost 110 MiB and 1 s
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except ValueError:
+            rows = None
+        if not rows or not all(isinstance(r, dict) for r in rows):
+            raise SSDError(f"cannot read --dataset_path {path}: is it empty or malformed (one JSON object a line)?")
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        if cfg.prompt_column not in columns:
+            raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {columns}; "
+                           "pass --prompt_column")
+        return check_prompts([r.get(cfg.prompt_column) for r in rows][: cfg.max_prompts or None], cfg)
     import datasets
     datasets.disable_progress_bars()
     if cfg.dataset_path:
-        path = Path(cfg.dataset_path)
-        if not path.is_dir() and path.suffix not in LOCAL_FORMATS:
-            raise SSDError(f"--dataset_path {path}: expected a {'/'.join(LOCAL_FORMATS)} file or a save_to_disk folder")
-        if not path.exists():
-            raise SSDError(f"--dataset_path {path} does not exist")
         try:
             if path.is_dir():
                 ds = datasets.load_from_disk(str(path))
@@ -1222,7 +1235,11 @@ def load_prompts(cfg: Config) -> list:
     if cfg.prompt_column not in ds.column_names:
         raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {ds.column_names}; "
                        "pass --prompt_column")
-    prompts = ds[cfg.prompt_column][: cfg.max_prompts or None]
+    return check_prompts(ds[cfg.prompt_column][: cfg.max_prompts or None], cfg)
+
+
+def check_prompts(prompts: list, cfg: Config) -> list:
+    """Empty prompts as None; refused when none is left."""
     prompts = [p if isinstance(p, str) and p.strip() or isinstance(p, list) and p else None for p in prompts]
     if not any(prompts):
         raise SSDError(f"no non-empty prompt in column {cfg.prompt_column!r} ({len(prompts)} rows); "
@@ -1686,29 +1703,22 @@ def start_phases():
 
 
 def end_phase(name: str, device):
-    """Close the phase that ran since the previous one ended: record its end and peak memory, then reset the peaks
-    (the RSS high-water mark that getrusage reports, CUDA's allocator's) so that the next phase's are its own."""
-    cuda = device.type == "cuda"
+    """Close the phase that ran since the previous one ended: record its end and the peak memory so far (the process's
+    peaks are never reset, so what a parent measures stays true: a phase that raised the peak shows it)."""
     PHASES.append((name, time.perf_counter(), peak_host_gb() * 1024,
-                   torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None))
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM and ru_maxrss
-    except OSError:
-        pass
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+                   torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None))
 
 
 def report_phases(rank: int, world: int):
-    """One line per phase: wall seconds and peak memory (with several ranks, the largest over the ranks)."""
+    """One line per phase: wall seconds and peak memory so far (with several ranks, the largest over the ranks)."""
     every = [None] * world
     dist.all_gather_object(every, PHASES)
     if rank == 0:
         for k in range(1, min(map(len, every))):
-            rows = [(p[k][0], p[k][1] - p[k - 1][1], p[k][2], p[k][3]) for p in every]
-            cuda = "" if rows[0][3] is None else f", CUDA {max(r[3] for r in rows):,.0f} MiB"
-            print(f"phase {rows[0][0]:<12} {max(r[1] for r in rows):7.2f} s, peak host {max(r[2] for r in rows):,.0f} "
-                  f"MiB{cuda}" + (f" (largest of {world} ranks)" if world > 1 else ""))
+            wall, host = max(p[k][1] - p[k - 1][1] for p in every), max(p[k][2] for p in every)
+            cuda = "" if every[0][k][3] is None else f", CUDA {max(p[k][3] for p in every):,.0f} MiB"
+            print(f"phase {every[0][k][0]:<12} {wall:7.2f} s, peak so far: host {host:,.0f} MiB{cuda}"
+                  + (f" (largest of {world} ranks)" if world > 1 else ""))
 
 
 def init_distributed(timeout_minutes: float = 30.0):
