@@ -58,9 +58,9 @@ def run_programs(programs, tmp_path, problem=SUM, **limits):
     records = [{"task_id": problem.task_id, "completion": f"```python\n{p}\n```"} for p in programs]
     sandbox_tmp = tmp_path / "sandbox"
     sandbox_tmp.mkdir(exist_ok=True)
-    protections = ev.grade({problem.task_id: problem}, records, ev.Limits(**{**LIMITS, **limits}), workers=1,
-                           hide=[str(FIXTURES)], tmp_dir=str(sandbox_tmp), progress=False)
-    assert len(protections) == 1 and protections[0]["sandbox_uid"] == IS_ROOT
+    sandbox = ev.grade({problem.task_id: problem}, records, ev.Limits(**{**LIMITS, **limits}), workers=1,
+                       hide=[str(FIXTURES)], tmp_dir=str(sandbox_tmp), progress=False)
+    assert sandbox["protections"]["sandbox_uid"] == IS_ROOT
     assert os.listdir(sandbox_tmp) == [], "the sandbox left its temporary directories behind"
     assert sandbox_processes() == [], "a process of the sandbox uid survived"
     assert sandbox_files(tmp_path) == [], "a program left files outside its directory"
@@ -383,13 +383,17 @@ def cli(*args, check_rc=0):
 
 
 def test_cli_grades_a_samples_file(tmp_path):
-    cli("--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(FIXTURES / "lcb_samples.jsonl"),
-        "--output_dir", str(tmp_path), "--workers", "2", "--timeout", "2")
+    out = cli("--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(FIXTURES / "lcb_samples.jsonl"),
+              "--output_dir", str(tmp_path), "--workers", "2", "--timeout", "2").stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     (res,) = summary["results"]
     assert res["pass@1"] == 0.5 and res["problems"] == 5 and res["verdicts"]["no_code"] == 1
     assert set(res["by_difficulty"]) == {"easy", "medium", "hard"} and "leetcode" in res["by_platform"]
-    assert summary["protections"][0]["sandbox_uid"] == IS_ROOT
+    assert summary["sandbox"]["protections"]["sandbox_uid"] == IS_ROOT
+    assert summary["sandbox"]["allow_weak_sandbox"] is False and (summary["sandbox"]["failed"] == {} or not IS_ROOT)
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("sandbox: ")]  # once, before grading
+    assert line == ev.describe_sandbox(summary["sandbox"])[0], line
+    assert out.splitlines()[-1] == f"results in {tmp_path}"
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and rows[0]["program"].startswith("a, b = map") and rows[0]["tests"][0]["verdict"]
     assert summary["settings"]["prompt_style"] is None and res["prompt_style"] is None  # the samples do not say
