@@ -219,12 +219,13 @@ PRELUDE_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect",
 PRELUDE = ("".join(f"from {m} import *\n" for m in PRELUDE_MODULES) + "".join(
     f"import {m}\n" for m in PRELUDE_MODULES[:-2]) + "sys.setrecursionlimit(50000)\n")
 
-# The child's code (python -I -S -c DRIVER). Started ahead, it sets python -I's sys.path (-S: site's .pth start-up hooks,
-# the evaluator environment's code, do not run), imports what the prelude needs and blocks on the `go` pipe. Then it
-# reads the test from a memfd closed before the program runs: mode, source and, for the other modes, a random nonce,
-# the function and its JSON arguments. "stdin" runs the source as __main__: its stdout is the answer. The others report
-# "\n<nonce>\n<result>\n" on fd 1: the return value as JSON, "ok" once the assert tests ran, or "!Exception". The nonce
-# only sets the report apart from the program's prints: a forged report claims a value it could have returned.
+# The child's code (python -I -S -c DRIVER). Started ahead, it sets python -I's sys.path (-S: site's .pth start-up
+# hooks, the evaluator environment's code, do not run), imports what the prelude needs and blocks on the `go` pipe.
+# Then it reads the test from a memfd closed before the program runs: mode, source and, for the other modes, a random
+# nonce, the function and its JSON arguments. "stdin" runs the source as __main__: its stdout is the answer. The
+# others report "\n<nonce>\n<result>\n" on fd 1: the return value as JSON, "ok" once the assert tests ran, or
+# "!Exception". The nonce only sets the report apart from the program's prints: a forged report claims a value it
+# could have returned.
 DRIVER = """
 def _ssd_driver(prelude, path, warm, go, fd):
     import builtins, json, os, site, sys, traceback
@@ -266,7 +267,7 @@ def _ssd_driver(prelude, path, warm, go, fd):
 """
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x8000000, 0x10000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 1, 2, 4, 32, 4096, 16384, 1 << 18, 2
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 KEPT_FLAGS = 2 | 4 | 8 | 1024 | 2048 | 4096  # nosuid nodev noexec noatime nodiratime relatime: a remount must keep them
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # the world-writable places: all become the workdir
@@ -303,7 +304,7 @@ def _outermost(paths) -> list:
 
 def interpreter_dirs() -> list:
     """What the interpreter needs, as named and as resolved: its prefixes, stdlib and site-packages, and the directory
-    of each hop of its symlink chain (a venv's bin/python -> pyenv's python -> python3.11); conda, uv and pyenv alike."""
+    of each hop of its symlink chain (a venv's bin/python -> pyenv's python -> python3.11): conda, uv, pyenv alike."""
     paths, exe = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages(),
                   sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")], sys.executable
     for _ in range(40):  # the kernel's limit on a symlink chain
@@ -371,7 +372,7 @@ class Sandbox:
     test is judged; it runs exactly one program and is then killed with everything it started."""
 
     def __init__(self, limits: Limits, hide=(), tmp_dir=None, setup=(True, True)):
-        self.limits, self.hide, self.ids, self.lock, self.waiting = limits, list(hide), (os.getuid(), os.getgid()), None, None
+        self.limits, self.hide, self.ids, self.lock, self.waiting = limits, hide, (os.getuid(), os.getgid()), None, None
         self.base = tempfile.mkdtemp(prefix="ssd-eval-", dir=tmp_dir)  # 0700: other sandbox uids cannot look in
         try:
             _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the program come to us, to be killed
@@ -823,7 +824,8 @@ def main(argv=None) -> int:
         problems = load_problems(args.problems, args.release, args.start_date, args.end_date, args.difficulty)
         records = read_samples(args.samples, problems, args.prompt_style) if args.samples else None
         hide = [os.path.dirname(os.path.abspath(p)) for p in (args.problems, args.samples or "") if os.path.isfile(p)]
-        hide += [os.path.abspath(args.output_dir), os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))]
+        hide += [os.path.abspath(args.output_dir), os.environ.get("HF_HOME", os.path.expanduser("~/.cache/hugging"
+                                                                                                   "face"))]
         limits = Limits(args.timeout, args.memory_mb, args.file_mb, args.max_procs)
         sandbox = decide_sandbox(limits, hide, allow_weak=args.allow_weak_sandbox)  # before any program or model
         for i, line in enumerate(describe_sandbox(sandbox)):
