@@ -43,7 +43,7 @@ from decimal import Decimal
 VERDICTS = ("passed", "wrong_answer", "time_limit", "runtime_error", "memory_limit", "output_limit", "no_code", "error")
 STANDARD_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)  # a k is reported when every problem has at least k samples
 FLOAT_TOL = 1e-6  # absolute or relative error accepted between real-valued tokens (integers must match exactly)
-UID_BASE, UID_COUNT = 60000, 5000  # sandbox uids, one per worker; no passwd entry needed
+UID_BASE, UID_COUNT = 60000, 5000  # sandbox uids, two per worker; no passwd entry needed
 PAPER_WINDOW = ("2025-02-01", "2025-05-31")  # the paper's LiveCodeBench contest dates, the hub default
 
 class EvalError(Exception):
@@ -277,7 +277,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 # Per test: wall seconds (CPU: one more), address space, largest file (stdout and stderr too) and /tmp, processes.
 Limits = namedtuple("Limits", "timeout memory_mb file_mb procs", defaults=(6.0, 4096, 64, 64))
 Run = namedtuple("Run", "status returncode stdout stderr time_s clean")  # status: exited, time_limit or output_limit
-Interpreter = namedtuple("Interpreter", "proc pidfd go fds work")  # started ahead, blocked on `go`; fds: 0, 1, 2, test
+Interpreter = namedtuple("Interpreter", "proc pidfd go fds work uid")  # blocked on `go`; fds: 0, 1, 2, the test
 
 class SandboxError(Exception):
     """A setup in which python does not run here; the message says where it failed (errno and path)."""
@@ -329,12 +329,15 @@ def processes_of(uid: int) -> list:
             pids += [int(pid)] if str(uid) in next(ln for ln in f if ln.startswith("Uid:")).split()[1:] else []
     return pids
 
-def _descendants(pid: int) -> list:
+def _children(pid: int) -> list:
     kids = []
     for path in glob.glob(f"/proc/{pid}/task/*/children"):
         with contextlib.suppress(OSError), open(path) as f:
             kids += map(int, f.read().split())
-    return [d for k in kids for d in (k, *_descendants(k))]
+    return kids
+
+def _descendants(pid: int) -> list:
+    return [d for k in _children(pid) for d in (k, *_descendants(k))]
 
 def _claim_uid() -> tuple:
     """(uid, lock fd): a uid of no account and no running process, locked against other evaluators while fd is open."""
@@ -368,18 +371,23 @@ def _memfd(data: bytes = b"") -> int:
     return fd
 
 class Sandbox:
-    """Runs programs for one worker process in the setup decided for the run (decide_sandbox): its own uid and
-    namespaces, or less. Each program gets a fresh interpreter, started ahead and blocked on a pipe while the previous
-    test is judged; it runs exactly one program and is then killed with everything it started."""
+    """Runs programs for one worker process in the setup decided for the run (decide_sandbox): its own uids and
+    namespaces, or less. Each program gets a fresh interpreter, started while the previous program runs, as the other
+    of the worker's two uids, and blocked on a pipe; it runs exactly one program and is then killed with everything it
+    started (kill(-1) as its uid never reaches the one waiting)."""
 
     def __init__(self, limits: Limits, hide=(), tmp_dir=None, setup=(True, True)):
-        self.limits, self.hide, self.ids, self.lock, self.waiting = limits, hide, (os.getuid(), os.getgid()), None, None
+        self.limits, self.hide, self.ids, self.locks = limits, hide, (os.getuid(), os.getgid()), []
+        self.waiting, self.uids, self.started = None, [], 0
         self.base = tempfile.mkdtemp(prefix="ssd-eval-", dir=tmp_dir)  # 0700: other sandbox uids cannot look in
         try:
             _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the program come to us, to be killed
             if setup[1] and os.geteuid() == 0:  # this process's own network namespace, empty, for all its programs:
                 _sys("unshare", CLONE_NEWNET)  # a new one per test costs ~4 ms of kernel time (no state outlives them)
-            self.uid, self.lock = _claim_uid() if setup[0] else (None, None)
+            for _ in range(2 if setup[0] else 0):
+                uid, lock = _claim_uid()
+                self.uids, self.locks = self.uids + [uid], self.locks + [lock]
+            self.uids = self.uids or [None]
             self.configure(setup[1])
             if (run := self.run("stdin", "print(6 * 7)")).stdout != b"42\n" or not run.clean:
                 raise SandboxError(f"python printed {run.stdout[:60]!r}, exit status {run.returncode}: "
@@ -392,9 +400,9 @@ class Sandbox:
         """The mounts, in order: hide the problem and output files, and the first directory on the way to the
         interpreter that the sandbox uid cannot enter (a 0700 home); make the world-writable places private; show the
         interpreter's directories again, read-only, where they were hidden or private; hide what lies inside them."""
-        self.use_ns, uid = use_ns, self.uid is not None
-        self.nproc = self.limits.procs + (0 if uid else sum(  # RLIMIT_NPROC counts all tasks of the uid
-            len(glob.glob(f"/proc/{pid}/task/*")) for pid in processes_of(self.ids[0])))
+        self.use_ns, uid = use_ns, self.uids[0] is not None
+        self.nproc = self.limits.procs + (0 if uid else 1 + sum(  # RLIMIT_NPROC counts all tasks of the uid (and
+            len(glob.glob(f"/proc/{pid}/task/*")) for pid in processes_of(self.ids[0])))  # the one waiting)
         keep, private = interpreter_dirs(), [p for p in PRIVATE_DIRS if os.path.isdir(p)]
         masks = {os.path.realpath(h) for h in self.hide if os.path.isdir(h)} - {"/"}
         for parts in (k.split("/") for k in keep if uid):
@@ -408,7 +416,7 @@ class Sandbox:
             ("mask", m) for m in inner] if use_ns else []
 
     def protections(self) -> dict:
-        lim, ns, uid = self.limits, self.use_ns, self.uid is not None
+        lim, ns, uid = self.limits, self.use_ns, self.uids[0] is not None
         return {"sandbox_uid": uid, "network_namespace": ns, "private_tmp": ns, "ipc_namespace": ns,
                 "fresh_interpreter": True, "own_session": True, "scrubbed_env": True, "private_workdir": True,
                 "no_new_privs": True, "nproc_binds": uid or os.geteuid() != 0, "hidden_paths": self.masks,
@@ -416,7 +424,8 @@ class Sandbox:
                 "fsize_mb": lim.file_mb, "nproc": self.nproc, "core": 0}, "wall_s": lim.timeout}
 
     def run(self, mode: str, source: str, stdin: bytes = b"", header=None) -> Run:
-        """Hand the test to the interpreter waiting (or a new one), time it, kill all it started; start the next."""
+        """Hand the test to the interpreter waiting (or a new one), start the next, time the test, kill all it
+        started."""
         it, self.waiting, cap = self.waiting or self.start(mode), None, self.limits.file_mb << 20
         try:
             os.pwrite(it.fds[0], stdin, 0)
@@ -425,22 +434,23 @@ class Sandbox:
             start = time.monotonic()
             with contextlib.suppress(BrokenPipeError):  # it died waiting: its exit status says how
                 os.write(it.go, b"g")
-            exited = select.select([it.pidfd], [], [], self.limits.timeout)[0]  # the wall clock
-            elapsed, clean = time.monotonic() - start, self._kill_all(it.proc)
+            with contextlib.suppress(Exception):  # if this start fails, the next run's own start says why
+                self.waiting = self.start(mode)
+            exited = select.select([it.pidfd], [], [], max(0.0, start + self.limits.timeout - time.monotonic()))[0]
+            elapsed, clean = time.monotonic() - start, self._kill_all(it)
             full = any(os.fstat(fd).st_size >= cap for fd in it.fds[1:3])
             status = "output_limit" if full else "exited" if exited else "time_limit"
             return Run(status, it.proc.returncode, os.pread(it.fds[1], cap, 0), os.pread(it.fds[2], cap, 0), elapsed,
                        clean)
         finally:
             self._dispose(it)
-            with contextlib.suppress(Exception):  # if this start fails, the next run's own start says why
-                self.waiting = self.start(mode)
 
     def start(self, mode: str) -> Interpreter:
         """An interpreter in the sandbox, blocked on a pipe, having imported the prelude unless `mode` is "assert"."""
-        work = tempfile.mkdtemp(dir=self.base)
-        if self.uid is not None:
-            os.chown(work, self.uid, self.uid)
+        work, uid = tempfile.mkdtemp(dir=self.base), self.uids[self.started % len(self.uids)]
+        self.started += 1
+        if uid is not None:
+            os.chown(work, uid, uid)
         # stdin, stdout, stderr and the test are memfds: nothing to drain or deadlock on, and RLIMIT_FSIZE caps what
         # the program can write to stdout and stderr, so gigabytes of output never reach this process.
         fds, (wait, go), home = [_memfd() for _ in range(4)], os.pipe(), "/tmp" if self.use_ns else work
@@ -449,11 +459,11 @@ class Sandbox:
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", f"{DRIVER}_ssd_driver({PRELUDE!r}, {isolated_path()!r}, {warm!r}, "
                  f"{wait}, {fds[3]})\n"], stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(wait, fds[3]),
-                cwd=work, start_new_session=True, preexec_fn=lambda: _child_setup(self, work),
+                cwd=work, start_new_session=True, preexec_fn=lambda: _child_setup(self, work, uid),
                 env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"})
-            return Interpreter(proc, os.pidfd_open(proc.pid), go, fds, work)
+            return Interpreter(proc, os.pidfd_open(proc.pid), go, fds, work, uid)
         except BaseException as e:
-            self._dispose(Interpreter(None, None, go, fds, work))
+            self._dispose(Interpreter(None, None, go, fds, work, uid))
             if isinstance(e, subprocess.SubprocessError):  # _child_setup failed and wrote why on its stderr
                 raise SandboxError(os.pread(fds[2], 1000, 0).decode(errors="replace").strip() or str(e)) from None
             raise
@@ -462,49 +472,49 @@ class Sandbox:
 
     def _dispose(self, it: Interpreter):
         if it.proc is not None and it.proc.returncode is None:
-            self._kill_all(it.proc)
+            self._kill_all(it)
         for fd in (*it.fds, it.go, *([it.pidfd] if it.pidfd is not None else [])):
             os.close(fd)
         shutil.rmtree(it.work, onerror=lambda func, path, _: (os.chmod(os.path.dirname(path), 0o700), func(path)))
 
     def close(self):
-        """Kill the interpreter waiting, give the uid back, remove the temporary directory."""
-        if self.waiting is not None:
-            self._dispose(self.waiting)
-        self.waiting = None
-        if self.lock is not None:
-            os.close(self.lock)
-        self.lock = None
+        """Kill the interpreter waiting, give the uids back, remove the temporary directory."""
+        if (it := self.waiting) is not None:
+            self.waiting = None
+            self._dispose(it)
+        while self.locks:
+            os.close(self.locks.pop())
         shutil.rmtree(self.base, ignore_errors=True)
 
-    def _kill_all(self, proc) -> bool:
-        """Kill every process of the sandbox uid (without one: every descendant), reap them, and say whether none is
-        left: all descend from us, their subreaper. No other interpreter exists meanwhile: the next starts after."""
-        proc.kill()
-        proc.wait()
+    def _kill_all(self, it: Interpreter) -> bool:
+        """Kill every process of its uid (without one: every descendant), reap them, and say whether none is left:
+        all descend from us, their subreaper. The interpreter waiting (the other uid) is spared."""
+        it.proc.kill()
+        it.proc.wait()
+        spare = {self.waiting.proc.pid} if self.waiting is not None else set()
         for _ in range(1000):
-            if self.uid is not None:
-                _kill_uid(self.uid)
-            for pid in _descendants(os.getpid()) if self.uid is None else ():
+            if it.uid is not None:
+                _kill_uid(it.uid)
+            for pid in set(_descendants(os.getpid())) - spare if it.uid is None else ():
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            if not _descendants(os.getpid()):
+            for pid in set(_children(os.getpid())) - spare:  # the orphans it left, now zombies of ours
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            if not set(_descendants(os.getpid())) - spare:
                 return True
             time.sleep(0.005)
         return False
 
-def _child_setup(sb: Sandbox, work: str):
+def _child_setup(sb: Sandbox, work: str, uid):
     """In the forked child before exec: set up, or write on stderr what failed (Popen then raises SubprocessError)."""
     try:
-        _enter_sandbox(sb, work)
+        _enter_sandbox(sb, work, uid)
     except OSError as e:
         os.write(2, f"{_reason(e)}\n".encode())
         raise
 
-def _enter_sandbox(sb: Sandbox, work: str):
+def _enter_sandbox(sb: Sandbox, work: str, uid):
     """As root (or in a user namespace): namespaces, the mounts, rlimits, then the uid. Popen has already made this
     child a session leader and changed into `work`."""
     if sb.use_ns:
@@ -514,7 +524,7 @@ def _enter_sandbox(sb: Sandbox, work: str):
             with open(f"/proc/self/{name}", "w") as f:  # our own ids only: no root inside
                 f.write(text.format(*sb.ids))
         _mount(None, "/", MS_REC | MS_PRIVATE)  # nothing mounted below reaches the host
-        ids = f"uid={sb.ids[0] if sb.uid is None else sb.uid},gid={sb.ids[1] if sb.uid is None else sb.uid}"
+        ids = f"uid={sb.ids[0] if uid is None else uid},gid={sb.ids[1] if uid is None else uid}"
         _mount("tmpfs", work, MS_NOSUID | MS_NODEV, "tmpfs", f"size={sb.limits.file_mb}m,mode=700,{ids}")
         os.chdir(work)  # into the tmpfs, which vanishes with the last process of this namespace
         kept = {path: os.open(path, os.O_PATH) for kind, path in sb.mounts if kind == "keep"}  # before masks hide them
@@ -537,10 +547,10 @@ def _enter_sandbox(sb: Sandbox, work: str):
         if cur != resource.RLIM_INFINITY:  # never above the hard limit we were given
             soft, hard = min(soft, cur), min(hard, cur)
         resource.setrlimit(res, (soft, hard))
-    if sb.uid is not None:
+    if uid is not None:
         os.setgroups([])
-        os.setresgid(sb.uid, sb.uid, sb.uid)
-        os.setresuid(sb.uid, sb.uid, sb.uid)
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
     _sys("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binaries: the uid is final
     _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the program dies with its worker
 
