@@ -89,7 +89,7 @@ def run_official(path: str, data: Path, samples: list, workers: int, tmp: str) -
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=os.cpu_count())
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
         path, note = official_package(tmp)
