@@ -5,6 +5,7 @@ and then a correct one in the same worker, and checks that nothing the program s
 """
 
 import base64
+import fcntl
 import gzip
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import types
 import zlib
 from fractions import Fraction
@@ -35,9 +37,21 @@ IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="a separate sandbox uid needs root")
 
 
-def sandbox_processes() -> list:
-    """Processes of any sandbox uid (only meaningful as root, where programs get their own uid)."""
-    return [pid for uid in range(ev.UID_BASE, ev.UID_BASE + 8) for pid in ev.processes_of(uid)]
+def sandbox_processes(count: int = 16) -> list:
+    """Processes of a sandbox uid that no evaluator holds: what one left behind (only meaningful as root, where
+    programs get their own uid). Other evaluators on the machine (other test runs) hold the uids they use."""
+    found, locks = [], os.path.join(tempfile.gettempdir(), "ssd-eval-uids")
+    for uid in range(ev.UID_BASE, ev.UID_BASE + count):
+        fd = os.open(path, os.O_RDONLY) if os.path.exists(path := os.path.join(locks, str(uid))) else -1
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            found += ev.processes_of(uid)
+        except BlockingIOError:  # in use by a running evaluator
+            pass
+        finally:
+            os.close(fd) if fd >= 0 else None
+    return found
 
 
 def sandbox_files(*dirs) -> list:
@@ -289,7 +303,7 @@ def test_stdin_programs_graded_on_real_stdin_and_stdout(program, tmp_path):
     ("sum(range(10**12))", "time_limit"),  # a C-level loop: SIGALRM-based evaluators cannot stop it
     ("import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGHUP):\n"
      "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass", "time_limit"),
-    ("import os\nwhile True:\n    os.fork()", "runtime_error"),  # the fork bomb meets RLIMIT_NPROC
+    ("import os\nwhile True:\n    os.fork()", "runtime_error|time_limit"),  # RLIMIT_NPROC, or the clock under load
     ("x = bytearray(1 << 40)", "memory_limit"),
     ("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 24))", "memory_limit"),
     ("with open('fill', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))", "runtime_error"),
@@ -302,8 +316,8 @@ def test_stdin_programs_graded_on_real_stdin_and_stdout(program, tmp_path):
 ], ids=["python-loop", "c-loop", "ignores-signals", "fork-bomb", "memory-bomb", "memory-growth", "disk-fill",
         "many-files", "stdout-flood", "stderr-flood", "recursion-crash", "os-exit-before-output"])
 def test_hostile_program_is_contained(program, verdict, tmp_path):
-    bad = hostile(program, tmp_path)
-    assert bad["verdict"] == verdict, bad
+    bad = hostile(program, tmp_path)  # contained and cleaned up either way: hostile() checks that
+    assert bad["verdict"] in verdict.split("|"), bad
 
 
 def test_setsid_grandchild_is_killed(tmp_path):

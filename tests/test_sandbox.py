@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from test_eval import sandbox_processes  # noqa: E402
+
 import eval as ev  # noqa: E402
 
 if os.geteuid() != 0:
@@ -34,6 +36,7 @@ HOSTILE = {
                          "        while True:\n            time.sleep(0.01)\n    os._exit(0)\n",
     "write-outside": "for path in TARGETS:\n    try:\n        open(path, 'w').write('escaped')\n"
                      "    except OSError:\n        pass\n",  # its private /tmp takes some: the host must have none
+    "network": "import socket\nprint('NET', socket.if_nameindex()) if socket.if_nameindex() != [(1, 'lo')] else None\n",
     "read-around": "import glob, os, sys\nseen = [p for p in SECRETS if os.path.exists(p)]\n"
                    "seen += ['env'] * any('hunter2' in v for v in os.environ.values())\n"
                    "for path in glob.glob('/proc/*/environ'):\n    try:\n"
@@ -73,7 +76,7 @@ def make_venv(parent: Path) -> Path:
 
 def sandbox_leftovers(*dirs) -> list:
     """Processes of the sandbox uids, and entries of `dirs` and the world-writable places that a sandbox uid owns."""
-    found = [f"pid {p}" for uid in range(ev.UID_BASE, ev.UID_BASE + 16) for p in ev.processes_of(uid)]
+    found = [f"pid {p}" for p in sandbox_processes()]
     for d in filter(os.path.isdir, (*dirs, "/tmp", "/var/tmp", "/dev/shm")):
         for entry in os.scandir(d):
             try:
