@@ -709,14 +709,15 @@ def _worker_grade(path: str, program, all_tests: bool) -> tuple:
         if _worker["path"] != path:
             with open(path, "rb") as f:
                 _worker.update(path=path, problem=pickle.load(f))
-        return grade_program(_worker["sandbox"], _worker["problem"], program, all_tests)
+        return (*grade_program(_worker["sandbox"], _worker["problem"], program, all_tests),
+                _worker["sandbox"].protections())
     except Exception:  # a harness failure is this sample's verdict, not the end of the run
-        return "error", [{"verdict": "error", "detail": traceback.format_exc()[-1000:]}]
+        return "error", [{"verdict": "error", "detail": traceback.format_exc()[-1000:]}], None
 
 def grade(problems: dict, records: list, limits: Limits, workers: int, all_tests=False, first_block=False, hide=(),
           tmp_dir=None, progress=True, sandbox=None) -> dict:
     """Add program, verdict and tests to each {task_id, completion}, in the sandbox decided for the run (decided here,
-    refusing a weak one, when not given); return that sandbox record."""
+    refusing a weak one, when not given); return that record, with the protections the workers ran with."""
     from tqdm import tqdm
     sandbox = sandbox or decide_sandbox(limits, hide, tmp_dir)
     cache = tempfile.mkdtemp(prefix="ssd-eval-problems-", dir=tmp_dir)  # tests travel to the workers once, by file
@@ -736,7 +737,8 @@ def grade(problems: dict, records: list, limits: Limits, workers: int, all_tests
             for fut in tqdm(as_completed(futures), total=len(futures), desc="grading", unit="sample",
                             disable=not progress, dynamic_ncols=True):
                 try:
-                    verdict, tests = fut.result()
+                    verdict, tests, protections = fut.result()
+                    sandbox["protections"] = protections or sandbox["protections"]  # the paths hidden there too
                 except Exception as e:  # the worker died (its pool with it): an error verdict, not a crashed run
                     verdict, tests = "error", [{"verdict": "error", "detail": f"{type(e).__name__}: {e}"}]
                 futures[fut].update(verdict=verdict, tests=tests)
