@@ -11,7 +11,9 @@ import argparse
 import base64
 import contextlib
 import ctypes
+import errno
 import fcntl
+import functools
 import glob
 import gzip
 import io
@@ -26,8 +28,10 @@ import resource
 import select
 import shutil
 import signal
+import site
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -39,7 +43,7 @@ from decimal import Decimal
 VERDICTS = ("passed", "wrong_answer", "time_limit", "runtime_error", "memory_limit", "output_limit", "no_code", "error")
 STANDARD_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)  # a k is reported when every problem has at least k samples
 FLOAT_TOL = 1e-6  # absolute or relative error accepted between real-valued tokens (integers must match exactly)
-UID_BASE, UID_COUNT = 60000, 5000  # sandbox uids, one per worker; no passwd entry needed
+UID_BASE, UID_COUNT = 60000, 5000  # sandbox uids, two per worker; no passwd entry needed
 PAPER_WINDOW = ("2025-02-01", "2025-05-31")  # the paper's LiveCodeBench contest dates, the hub default
 
 class EvalError(Exception):
@@ -215,22 +219,30 @@ PRELUDE_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect",
 PRELUDE = ("".join(f"from {m} import *\n" for m in PRELUDE_MODULES) + "".join(
     f"import {m}\n" for m in PRELUDE_MODULES[:-2]) + "sys.setrecursionlimit(50000)\n")
 
-# The child's code (python -I -c DRIVER mode fd). "stdin" runs main.py as __main__: its stdout is the answer. The other
-# modes read a header (a random nonce, the function, its JSON arguments) from a memfd closed before the program runs,
-# and report "\n<nonce>\n<result>\n" on fd 1: the return value as JSON, "ok" once the assert tests ran, or "!Exception".
-# The nonce only sets the report apart from the program's prints: a forged report claims a value it could have returned.
+# The child's code (python -I -S -c DRIVER). Started ahead, it sets python -I's sys.path (-S: site's .pth start-up
+# hooks, the evaluator environment's code, do not run), imports what the prelude needs and blocks on the `go` pipe.
+# Then it reads the test from a memfd closed before the program runs: mode, source and, for the other modes, a random
+# nonce, the function and its JSON arguments. "stdin" runs the source as __main__: its stdout is the answer. The
+# others report "\n<nonce>\n<result>\n" on fd 1: the return value as JSON, "ok" once the assert tests ran, or
+# "!Exception". The nonce only sets the report apart from the program's prints: a forged report claims a value it
+# could have returned.
 DRIVER = """
-def _ssd_driver(prelude):
-    import builtins, json, os, sys, traceback
-    mode, fd = sys.argv[1], int(sys.argv[2])
-    with open("main.py", encoding="utf-8") as f: code = compile(f.read(), "main.py", "exec", dont_inherit=True)
-    sys.argv = ["main.py"]
+def _ssd_driver(prelude, path, warm, go, fd):
+    import builtins, os, site, sys  # no json, re or traceback: they would cost more than the interpreter
+    sys.path[:] = path
+    site.setquit(), site.setcopyright(), site.sethelper()  # exit(), quit(), help() as with site
+    for m in warm: __import__(m)
+    os.read(go, 1), os.close(go)
+    with os.fdopen(fd, "rb") as f: mode, nonce, func, n, rest = f.read().decode().split("\\0", 4)
+    args, source = rest[:int(n)], rest[int(n):]
+    with open("main.py", "w", encoding="utf-8") as f: f.write(source)  # for the traceback's lines
+    code, sys.argv = compile(source, "main.py", "exec", dont_inherit=True), ["main.py"]
+    del source
     if mode == "stdin":
         del globals()["_ssd_driver"]
         exec(prelude, globals())
         return exec(code, globals())
-    with os.fdopen(fd, "rb") as f: header = json.loads(f.read())
-    write, nonce = os.write, ("\\n" + header["nonce"] + "\\n").encode()
+    write, nonce = os.write, ("\\n" + nonce + "\\n").encode()
     def report(text):
         for stream in (sys.stdout, sys.stderr):
             try: stream.flush()
@@ -244,35 +256,70 @@ def _ssd_driver(prelude):
         exec(code, g)
         if mode == "assert":
             report("ok")
-        cls, args = g.get("Solution"), [json.loads(line) for line in header["args"].split("\\n")]
-        result = (getattr(cls(), header["func"]) if isinstance(cls, type) else g[header["func"]])(*args)
+        import json
+        cls, args = g.get("Solution"), [json.loads(line) for line in args.split("\\n")]
+        result = (getattr(cls(), func) if isinstance(cls, type) else g[func])(*args)
         stage = "unserializable"
         payload = json.dumps(result)
     except BaseException as e:
-        traceback.print_exc()
+        sys.__excepthook__(type(e), e, e.__traceback__)
         report("!" + (stage or type(e).__name__))
     report(payload)
 """
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x20000, 0x8000000, 0x10000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 2, 4, 4096, 16384, 1 << 18, 2
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+KEPT_FLAGS = 2 | 4 | 8 | 1024 | 2048 | 4096  # nosuid nodev noexec noatime nodiratime relatime: a remount must keep them
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # the world-writable places: all become the workdir
+SETUPS = {"uid + namespaces": (True, True), "uid": (True, False), "namespaces": (False, True), "none": (False, False)}
 _libc = ctypes.CDLL(None, use_errno=True)
 # Per test: wall seconds (CPU: one more), address space, largest file (stdout and stderr too) and /tmp, processes.
 Limits = namedtuple("Limits", "timeout memory_mb file_mb procs", defaults=(6.0, 4096, 64, 64))
 Run = namedtuple("Run", "status returncode stdout stderr time_s clean")  # status: exited, time_limit or output_limit
+Interpreter = namedtuple("Interpreter", "proc pidfd go fds work uid")  # blocked on `go`; fds: 0, 1, 2, the test
 
-def _sys(name: str, *args):
-    """Call libc: str arguments go as bytes, None as NULL; raise OSError on failure."""
+class SandboxError(Exception):
+    """A setup in which python does not run here; the message says where it failed (errno and path)."""
+
+def _sys(name: str, *args, path=None):
+    """Call libc: str arguments go as bytes, None as NULL; raise OSError (with `path`) on failure."""
     if getattr(_libc, name)(*[os.fsencode(a) if isinstance(a, str) else a for a in args]) != 0:
-        raise OSError(ctypes.get_errno(), f"{name}{args}: {os.strerror(ctypes.get_errno())}")
+        raise OSError(err := ctypes.get_errno(), f"{name}: {os.strerror(err)}", path)
 
 def _mount(src, target, flags, fstype=None, data=None):
-    _sys("mount", src, target, fstype, ctypes.c_ulong(flags), data)
+    _sys("mount", src, target, fstype, ctypes.c_ulong(flags), data, path=target)
+
+def _reason(e: BaseException) -> str:
+    """Why a setup failed, in one line: errno name, message and path where there is one."""
+    if isinstance(e, OSError) and e.errno:
+        return f"{errno.errorcode.get(e.errno, e.errno)} ({e.strerror})" + (f" at {e.filename}" if e.filename else "")
+    return str(e) if isinstance(e, SandboxError) else f"{type(e).__name__}: {e}"
 
 def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+def _outermost(paths) -> list:
+    paths = sorted(set(paths))
+    return [p for i, p in enumerate(paths) if not any(_inside(p, o) for o in paths[:i])]
+
+def interpreter_dirs() -> list:
+    """What the interpreter needs, as named and as resolved: its prefixes, stdlib and site-packages, and the directory
+    of each hop of its symlink chain (a venv's bin/python -> pyenv's python -> python3.11): conda, uv, pyenv alike."""
+    paths, exe = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages(),
+                  sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib")], sys.executable
+    for _ in range(40):  # the kernel's limit on a symlink chain
+        paths.append(os.path.dirname(exe))
+        if not os.path.islink(exe):
+            break
+        exe = os.path.join(os.path.dirname(exe), os.readlink(exe))
+    return _outermost(f(p) for p in paths for f in (os.path.abspath, os.path.realpath))
+
+@functools.cache
+def isolated_path() -> list:
+    """The sys.path that python -I has here (site-packages and .pth paths included), asked of python -I once."""
+    code = "import json, sys; print(json.dumps(sys.path))"
+    return json.loads(subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, check=True).stdout)
 
 def processes_of(uid: int) -> list:
     """Pids whose real, effective, saved or filesystem uid is `uid`, zombies included."""
@@ -282,15 +329,18 @@ def processes_of(uid: int) -> list:
             pids += [int(pid)] if str(uid) in next(ln for ln in f if ln.startswith("Uid:")).split()[1:] else []
     return pids
 
-def _descendants(pid: int) -> list:
+def _children(pid: int) -> list:
     kids = []
     for path in glob.glob(f"/proc/{pid}/task/*/children"):
         with contextlib.suppress(OSError), open(path) as f:
             kids += map(int, f.read().split())
-    return [d for k in kids for d in (k, *_descendants(k))]
+    return kids
 
-def _claim_uid() -> int:
-    """A uid of no account and no running process, locked against other evaluators until this process exits."""
+def _descendants(pid: int) -> list:
+    return [d for k in _children(pid) for d in (k, *_descendants(k))]
+
+def _claim_uid() -> tuple:
+    """(uid, lock fd): a uid of no account and no running process, locked against other evaluators while fd is open."""
     os.makedirs(lock_dir := os.path.join(tempfile.gettempdir(), "ssd-eval-uids"), mode=0o700, exist_ok=True)
     for uid in range(UID_BASE, UID_BASE + UID_COUNT):
         with contextlib.suppress(KeyError):
@@ -300,9 +350,9 @@ def _claim_uid() -> int:
         with contextlib.suppress(BlockingIOError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if not processes_of(uid):
-                return uid  # fd stays open: the lock lasts as long as this process
+                return uid, fd
         os.close(fd)
-    raise RuntimeError(f"no free sandbox uid in {UID_BASE}..{UID_BASE + UID_COUNT - 1}")
+    raise SandboxError(f"no free sandbox uid in {UID_BASE}..{UID_BASE + UID_COUNT - 1} (see {lock_dir})")
 
 def _kill_uid(uid: int):
     """SIGKILL every process of `uid` from a child that becomes `uid`: kill(-1) reaches them all in one atomic pass,
@@ -316,125 +366,178 @@ def _kill_uid(uid: int):
             os._exit(0)
     os.waitpid(pid, 0)
 
-def _memfd(data: bytes) -> int:
+def _memfd(data: bytes = b"") -> int:
     os.pwrite(fd := os.memfd_create("ssd-eval"), data, 0)  # a file write is whole (below 2 GiB); the offset stays 0
     return fd
 
 class Sandbox:
-    """Runs programs for one worker process, in the strongest setup that works here: its own uid with namespaces,
-    its own uid alone, namespaces alone (user namespaces when not root), then neither. protections() says which."""
+    """Runs programs for one worker process in the setup decided for the run (decide_sandbox): its own uids and
+    namespaces, or less. Each program gets a fresh interpreter, started while the previous program runs, as the other
+    of the worker's two uids, and blocked on a pipe; it runs exactly one program and is then killed with everything it
+    started (kill(-1) as its uid never reaches the one waiting)."""
 
-    def __init__(self, limits: Limits, hide=(), tmp_dir=None):
-        self.limits, self.hide, self.ids = limits, list(hide), (os.getuid(), os.getgid())
+    def __init__(self, limits: Limits, hide=(), tmp_dir=None, setup=(True, True)):
+        self.limits, self.hide, self.ids, self.locks = limits, hide, (os.getuid(), os.getgid()), []
+        self.waiting, self.uids, self.started = None, [], 0
         self.base = tempfile.mkdtemp(prefix="ssd-eval-", dir=tmp_dir)  # 0700: other sandbox uids cannot look in
-        _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the program come to us, to be killed
-        self.claimed = _claim_uid() if os.geteuid() == 0 else None
-        for use_uid, use_ns in ((True, True), (True, False), (False, True), (False, False)):
-            if self.claimed or not use_uid:
-                self.configure(use_uid, use_ns)
-                with contextlib.suppress(Exception):
-                    if (run := self.run("stdin", "print(6 * 7)")).stdout == b"42\n" and run.clean:
-                        return
-        raise RuntimeError("python does not run in the sandbox here, even without uid and namespaces")
+        try:
+            _sys("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the program come to us, to be killed
+            if setup[1] and os.geteuid() == 0:  # this process's own network namespace, empty, for all its programs:
+                _sys("unshare", CLONE_NEWNET)  # a new one per test costs ~4 ms of kernel time (no state outlives them)
+            for _ in range(2 if setup[0] else 0):
+                uid, lock = _claim_uid()
+                self.uids, self.locks = self.uids + [uid], self.locks + [lock]
+            self.uids = self.uids or [None]
+            self.configure(setup[1])
+            if (run := self.run("stdin", "print(6 * 7)")).stdout != b"42\n" or not run.clean:
+                raise SandboxError(f"python printed {run.stdout[:60]!r}, exit status {run.returncode}: "
+                                   f"{run.stderr.decode(errors='replace').strip()[-300:]}")
+        except BaseException:
+            self.close()
+            raise
 
-    def configure(self, use_uid: bool, use_ns: bool):
-        self.uid, self.use_ns = self.claimed if use_uid else None, use_ns
-        self.nproc = self.limits.procs + (0 if use_uid else sum(  # RLIMIT_NPROC counts all tasks of the uid
-            len(glob.glob(f"/proc/{pid}/task/*")) for pid in processes_of(self.ids[0])))
-        # Hide the problem and output files; keep the interpreter visible, also under a 0700 home (root's often is).
-        keep = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))}
-        keep = sorted(k for k in keep if not any(k != o and _inside(k, o) for o in keep))
-        masks = {os.path.realpath(h) for h in self.hide if os.path.isdir(h)}
-        for parts in (k.split("/") for k in keep if use_uid):
+    def configure(self, use_ns: bool):
+        """The mounts, in order: hide the problem and output files, and the first directory on the way to the
+        interpreter that the sandbox uid cannot enter (a 0700 home); make the world-writable places private; show the
+        interpreter's directories again, read-only, where they were hidden or private; hide what lies inside them."""
+        self.use_ns, uid = use_ns, self.uids[0] is not None
+        self.nproc = self.limits.procs + (0 if uid else 1 + sum(  # RLIMIT_NPROC counts all tasks of the uid (and
+            len(glob.glob(f"/proc/{pid}/task/*")) for pid in processes_of(self.ids[0])))  # the one waiting)
+        keep, private = interpreter_dirs(), [p for p in PRIVATE_DIRS if os.path.isdir(p)]
+        masks = {os.path.realpath(h) for h in self.hide if os.path.isdir(h)} - {"/"}
+        for parts in (k.split("/") for k in keep if uid):
             masks.update([d for d in ("/".join(parts[:i]) for i in range(2, len(parts) + 1))
-                          if not os.stat(d).st_mode & 0o001][:1])  # the first directory others cannot enter
-        masks = sorted(m for m in masks if m != "/" and not any(_inside(m, k) for k in keep))
-        self.masks = [m for i, m in enumerate(masks) if not any(_inside(m, o) for o in masks[:i])] if use_ns else []
-        self.keep = [k for k in keep if any(_inside(k, m) for m in self.masks)]
+                          if not os.stat(d).st_mode & 0o001][:1])
+        inner = [m for m in masks if any(_inside(m, k) for k in keep)]
+        outer = _outermost(masks - set(inner))
+        keep = [k for k in keep if any(_inside(k, d) for d in outer + list(map(os.path.realpath, private)))]
+        self.masks, self.keep = (outer + inner, keep) if use_ns else ([], [])
+        self.mounts = [("mask", m) for m in outer] + [("private", p) for p in private] + [("keep", k) for k in keep] + [
+            ("mask", m) for m in inner] if use_ns else []
 
     def protections(self) -> dict:
-        lim, ns, uid = self.limits, self.use_ns, self.uid is not None
-        return {"fresh_interpreter": True, "own_session": True, "scrubbed_env": True, "private_workdir": True,
-                "sandbox_uid": uid, "network_namespace": ns, "private_tmp": ns, "ipc_namespace": ns,
+        lim, ns, uid = self.limits, self.use_ns, self.uids[0] is not None
+        return {"sandbox_uid": uid, "network_namespace": ns, "private_tmp": ns, "ipc_namespace": ns,
+                "fresh_interpreter": True, "own_session": True, "scrubbed_env": True, "private_workdir": True,
                 "no_new_privs": True, "nproc_binds": uid or os.geteuid() != 0, "hidden_paths": self.masks,
-                "rlimits": {"cpu_s": math.ceil(lim.timeout) + 1, "as_mb": lim.memory_mb, "fsize_mb": lim.file_mb,
-                            "nproc": self.nproc, "core": 0}, "wall_s": lim.timeout}
+                "shown_read_only": self.keep, "rlimits": {"cpu_s": math.ceil(lim.timeout) + 1, "as_mb": lim.memory_mb,
+                "fsize_mb": lim.file_mb, "nproc": self.nproc, "core": 0}, "wall_s": lim.timeout}
 
-    def run(self, mode: str, source: str, stdin: bytes = b"", header: bytes = b"") -> Run:
-        work, cap = tempfile.mkdtemp(dir=self.base), self.limits.file_mb << 20
-        if self.uid is not None:
-            os.chown(work, self.uid, self.uid)
-        if not self.use_ns:  # with namespaces the child writes it into its own tmpfs
-            with open(os.path.join(work, "main.py"), "w", encoding="utf-8") as f:
-                f.write(source)
-        home = "/tmp" if self.use_ns else work
-        # stdin, stdout, stderr and the header are memfds: nothing to drain or deadlock on, and RLIMIT_FSIZE caps what
+    def run(self, mode: str, source: str, stdin: bytes = b"", header=None) -> Run:
+        """Hand the test to the interpreter waiting (or a new one), start the next, time the test, kill all it
+        started."""
+        it, self.waiting, cap = self.waiting or self.start(mode), None, self.limits.file_mb << 20
+        try:
+            os.pwrite(it.fds[0], stdin, 0)
+            nonce, func, args = ((header or {}).get(k, "") for k in ("nonce", "func", "args"))
+            os.pwrite(it.fds[3], f"{mode}\0{nonce}\0{func}\0{len(args)}\0{args}{source}".encode(), 0)
+            start = time.monotonic()
+            with contextlib.suppress(BrokenPipeError):  # it died waiting: its exit status says how
+                os.write(it.go, b"g")
+            with contextlib.suppress(Exception):  # if this start fails, the next run's own start says why
+                self.waiting = self.start(mode)
+            exited = select.select([it.pidfd], [], [], max(0.0, start + self.limits.timeout - time.monotonic()))[0]
+            elapsed, clean = time.monotonic() - start, self._kill_all(it)
+            full = any(os.fstat(fd).st_size >= cap for fd in it.fds[1:3])
+            status = "output_limit" if full else "exited" if exited else "time_limit"
+            return Run(status, it.proc.returncode, os.pread(it.fds[1], cap, 0), os.pread(it.fds[2], cap, 0), elapsed,
+                       clean)
+        finally:
+            self._dispose(it)
+
+    def start(self, mode: str) -> Interpreter:
+        """An interpreter in the sandbox, blocked on a pipe, having imported the prelude unless `mode` is "assert"."""
+        work, uid = tempfile.mkdtemp(dir=self.base), self.uids[self.started % len(self.uids)]
+        self.started += 1
+        if uid is not None:
+            os.chown(work, uid, uid)
+        # stdin, stdout, stderr and the test are memfds: nothing to drain or deadlock on, and RLIMIT_FSIZE caps what
         # the program can write to stdout and stderr, so gigabytes of output never reach this process.
-        fds = [_memfd(stdin), _memfd(b""), _memfd(b"")] + ([_memfd(header)] if header else [])
+        fds, (wait, go), home = [_memfd() for _ in range(4)], os.pipe(), "/tmp" if self.use_ns else work
+        warm = PRELUDE_MODULES if mode != "assert" else ()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", f"{DRIVER}_ssd_driver({PRELUDE!r})\n", mode, str(fds[-1])],
-                stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=fds[3:], cwd=work, start_new_session=True,
-                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"},
-                preexec_fn=lambda: _child_setup(self, work, source))
-            pidfd, start = os.pidfd_open(proc.pid), time.monotonic()
-            exited = select.select([pidfd], [], [], self.limits.timeout)[0]  # the wall clock
-            elapsed, clean = time.monotonic() - start, self._kill_all(proc)
-            os.close(pidfd)
-            full = any(os.fstat(fd).st_size >= cap for fd in fds[1:3])
-            status = "output_limit" if full else "exited" if exited else "time_limit"
-            return Run(status, proc.returncode, os.pread(fds[1], cap, 0), os.pread(fds[2], cap, 0), elapsed, clean)
+                [sys.executable, "-I", "-S", "-c", f"{DRIVER}_ssd_driver({PRELUDE!r}, {isolated_path()!r}, {warm!r}, "
+                 f"{wait}, {fds[3]})\n"], stdin=fds[0], stdout=fds[1], stderr=fds[2], pass_fds=(wait, fds[3]),
+                cwd=work, start_new_session=True, preexec_fn=lambda: _child_setup(self, work, uid),
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8"})
+            return Interpreter(proc, os.pidfd_open(proc.pid), go, fds, work, uid)
+        except BaseException as e:
+            self._dispose(Interpreter(None, None, go, fds, work, uid))
+            if isinstance(e, subprocess.SubprocessError):  # _child_setup failed and wrote why on its stderr
+                raise SandboxError(os.pread(fds[2], 1000, 0).decode(errors="replace").strip() or str(e)) from None
+            raise
         finally:
-            for fd in fds:
-                os.close(fd)
-            shutil.rmtree(work, onerror=lambda func, path, _: (os.chmod(os.path.dirname(path), 0o700), func(path)))
+            os.close(wait)
 
-    def _kill_all(self, proc) -> bool:
-        """Kill every process of the sandbox uid (without one: every descendant, as we are their subreaper), reap them,
-        and say whether none is left."""
-        proc.kill()
-        proc.wait()
+    def _dispose(self, it: Interpreter):
+        if it.proc is not None and it.proc.returncode is None:
+            self._kill_all(it)
+        for fd in (*it.fds, it.go, *([it.pidfd] if it.pidfd is not None else [])):
+            os.close(fd)
+        shutil.rmtree(it.work, onerror=lambda func, path, _: (os.chmod(os.path.dirname(path), 0o700), func(path)))
+
+    def close(self):
+        """Kill the interpreter waiting, give the uids back, remove the temporary directory."""
+        if (it := self.waiting) is not None:
+            self.waiting = None
+            self._dispose(it)
+        while self.locks:
+            os.close(self.locks.pop())
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _kill_all(self, it: Interpreter) -> bool:
+        """Kill every process of its uid (without one: every descendant), reap them, and say whether none is left:
+        all descend from us, their subreaper. The interpreter waiting (the other uid) is spared."""
+        it.proc.kill()
+        it.proc.wait()
+        spare = {self.waiting.proc.pid} if self.waiting is not None else set()
         for _ in range(1000):
-            if self.uid is not None:
-                _kill_uid(self.uid)
-            for pid in _descendants(os.getpid()) if self.uid is None else ():
+            if it.uid is not None:
+                _kill_uid(it.uid)
+            for pid in set(_descendants(os.getpid())) - spare if it.uid is None else ():
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            if not (processes_of(self.uid) if self.uid is not None else _descendants(os.getpid())):
+            for pid in set(_children(os.getpid())) - spare:  # the orphans it left, now zombies of ours
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            if not set(_descendants(os.getpid())) - spare:
                 return True
             time.sleep(0.005)
         return False
 
-def _child_setup(sb: Sandbox, work: str, source: str):
-    """In the forked child before exec, as root (or in a user namespace): namespaces, mounts, rlimits, then the uid.
-    Popen has already made it a session leader and changed into `work`."""
+def _child_setup(sb: Sandbox, work: str, uid):
+    """In the forked child before exec: set up, or write on stderr what failed (Popen then raises SubprocessError)."""
+    try:
+        _enter_sandbox(sb, work, uid)
+    except OSError as e:
+        os.write(2, f"{_reason(e)}\n".encode())
+        raise
+
+def _enter_sandbox(sb: Sandbox, work: str, uid):
+    """As root (or in a user namespace): namespaces, the mounts, rlimits, then the uid. Popen has already made this
+    child a session leader and changed into `work`."""
     if sb.use_ns:
         userns = os.geteuid() != 0
-        _sys("unshare", CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | (CLONE_NEWUSER if userns else 0))
+        _sys("unshare", CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWUSER | CLONE_NEWNET if userns else 0))
         for name, text in (("setgroups", "deny"), ("uid_map", "{0} {0} 1"), ("gid_map", "{1} {1} 1")) if userns else ():
             with open(f"/proc/self/{name}", "w") as f:  # our own ids only: no root inside
                 f.write(text.format(*sb.ids))
         _mount(None, "/", MS_REC | MS_PRIVATE)  # nothing mounted below reaches the host
-        ids = f"uid={sb.ids[0] if sb.uid is None else sb.uid},gid={sb.ids[1] if sb.uid is None else sb.uid}"
+        ids = f"uid={sb.ids[0] if uid is None else uid},gid={sb.ids[1] if uid is None else uid}"
         _mount("tmpfs", work, MS_NOSUID | MS_NODEV, "tmpfs", f"size={sb.limits.file_mb}m,mode=700,{ids}")
         os.chdir(work)  # into the tmpfs, which vanishes with the last process of this namespace
-        with open("main.py", "w", encoding="utf-8") as f:
-            f.write(source)
-        for i, path in enumerate(sb.keep):  # stage what a hidden directory must still show: the interpreter
-            os.mkdir(f".k{i}")
-            _mount(path, f".k{i}", MS_BIND | MS_REC)
-        for path in sb.masks:
-            _mount("tmpfs", path, MS_NOSUID | MS_NODEV, "tmpfs", "size=64k,mode=755")
-        for i, path in enumerate(sb.keep):
-            os.makedirs(path, exist_ok=True)
-            _mount(f".k{i}", path, MS_BIND | MS_REC)
-            _sys("umount2", f".k{i}", MNT_DETACH)
-            os.rmdir(f".k{i}")
-        for path in filter(os.path.isdir, PRIVATE_DIRS):
-            _mount(".", path, MS_BIND)
+        kept = {path: os.open(path, os.O_PATH) for kind, path in sb.mounts if kind == "keep"}  # before masks hide them
+        for kind, path in sb.mounts:
+            if kind == "mask":
+                _mount("tmpfs", path, MS_NOSUID | MS_NODEV, "tmpfs", "size=64k,mode=755")
+            elif kind == "private":
+                _mount(".", path, MS_BIND)
+            else:
+                os.makedirs(path, exist_ok=True)
+                _mount(f"/proc/self/fd/{kept[path]}", path, MS_BIND | MS_REC)
+                _mount(None, path, MS_BIND | MS_REMOUNT | MS_RDONLY | (os.statvfs(path).f_flag & KEPT_FLAGS))
+                os.close(kept.pop(path))
         os.chdir("/tmp")
     cpu = math.ceil(sb.limits.timeout) + 1
     for res, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, sb.limits.memory_mb << 20, 0),
@@ -444,12 +547,79 @@ def _child_setup(sb: Sandbox, work: str, source: str):
         if cur != resource.RLIM_INFINITY:  # never above the hard limit we were given
             soft, hard = min(soft, cur), min(hard, cur)
         resource.setrlimit(res, (soft, hard))
-    if sb.uid is not None:
+    if uid is not None:
         os.setgroups([])
-        os.setresgid(sb.uid, sb.uid, sb.uid)
-        os.setresuid(sb.uid, sb.uid, sb.uid)
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
     _sys("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid binaries: the uid is final
     _sys("prctl", PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the program dies with its worker
+
+# The setup is decided once per run, in a process of its own (the subreaper flag, the uid lock and the children stay
+# out of the caller's), strongest first. As root, anything short of a sandbox uid, or of namespaces where the kernel
+# allows them, is refused unless asked for: a silent fallback would run the model's programs as root.
+def _unshare_refused():
+    """Why the kernel refuses new namespaces here, or None: a child tries and exits at once."""
+    if (pid := os.fork()) == 0:
+        os._exit(0 if _libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | (
+            CLONE_NEWUSER if os.geteuid() else 0)) == 0 else ctypes.get_errno())
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return f"unshare: {errno.errorcode.get(code, code)} ({os.strerror(code)})" if code else None
+
+def probe_setups(limits: Limits, hide=(), tmp_dir=None) -> dict:
+    """The strongest setup in which python runs here, its protections, and why each stronger one failed."""
+    failed = {}
+    for name, (use_uid, use_ns) in SETUPS.items():
+        try:
+            if use_uid and os.geteuid() != 0:
+                raise SandboxError("not root: there is no second uid to give the programs")
+            sb = Sandbox(limits, hide, tmp_dir, (use_uid, use_ns))
+        except Exception as e:
+            failed[name] = _reason(e)
+            continue
+        protections = sb.protections()
+        sb.close()
+        return {"setup": name, "failed": failed, "protections": protections, "namespaces_refused": _unshare_refused()}
+    raise SandboxError(f"python does not run in the sandbox here, even without uid and namespaces: {failed['none']}")
+
+def decide_sandbox(limits: Limits, hide=(), tmp_dir=None, allow_weak=False) -> dict:
+    """The run's sandbox record (the setup, its protections, the failures); EvalError for a refused one."""
+    with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as pool:
+        try:
+            record = pool.submit(probe_setups, limits, list(hide), tmp_dir).result()
+        except SandboxError as e:
+            raise EvalError(str(e)) from None
+    return check_sandbox(record, allow_weak)
+
+def check_sandbox(record: dict, allow_weak: bool) -> dict:
+    """Refuse (EvalError) what is weaker than this machine allows, as root, unless allow_weak; record the choice."""
+    use_uid, use_ns = SETUPS[record["setup"]]
+    missing = [what for what, on in (("a sandbox uid", use_uid), ("namespaces", use_ns or record["namespaces_refused"]))
+               if not on] if os.geteuid() == 0 else []
+    record.update(root=os.geteuid() == 0, allow_weak_sandbox=allow_weak, weaker_than_allowed=missing)
+    if missing and not allow_weak:
+        raise EvalError(f"refusing to run untrusted programs as root without {' and '.join(missing)} ("
+                        f"{'; '.join(f'{k}: {v}' for k, v in record['failed'].items())}); put the interpreter where "
+                        "other users can reach it (not under a 0700 directory), let the container create namespaces "
+                        "(docker: --cap-add SYS_ADMIN), or pass --allow_weak_sandbox to grade with "
+                        f"{record['setup']} only")
+    return record
+
+def describe_sandbox(record: dict) -> list:
+    """The line printed per run (what is ON, OFF, and why each stronger setup failed), then warnings for stderr."""
+    p, failed = record["protections"], "; ".join(f"{k}: {v}" for k, v in record["failed"].items())
+    line = (f"sandbox: {record['setup']}: ON {', '.join(k for k, v in p.items() if v is True)}; OFF "
+            f"{', '.join(k for k, v in p.items() if v is False) or 'nothing'}" + (f" (failed: {failed})" * bool(failed))
+            + (" --allow_weak_sandbox" if record["allow_weak_sandbox"] else ""))
+    warnings = [f"warning: --allow_weak_sandbox: programs run as root without {' and '.join(missing)}"
+                for missing in [record["weaker_than_allowed"]] if missing]
+    if not record["root"]:
+        warnings.append("warning: not root: programs run as your own user; they can write where you can"
+                        f"{' outside their private /tmp' * p['private_tmp']}, read your processes' environments and "
+                        "signal them; run as root in a container to give them a uid of their own")
+    if record["namespaces_refused"] and not p["network_namespace"]:
+        warnings.append(f"warning: the kernel refuses new namespaces here ({record['namespaces_refused']}): programs "
+                        "have the network and the host's /tmp")
+    return [line] + warnings
 
 # ---------------------------------------------------------------- grading ---------------------------------------------
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -520,8 +690,8 @@ def grade_program(sb: Sandbox, p: Problem, program, all_tests: bool = False) -> 
         if p.kind == "stdin":
             run = sb.run("stdin", program, test_input.encode())
         else:  # assert tests run with the program; functional arguments travel in the header
-            header = json.dumps({"nonce": nonce, "func": p.func_name, "args": test_input}).encode()
-            run = sb.run(p.kind, f"{program}\n\n{test_input}" if p.kind == "assert" else program, header=header)
+            run = sb.run(p.kind, f"{program}\n\n{test_input}" if p.kind == "assert" else program,
+                         header={"nonce": nonce, "func": p.func_name, "args": test_input})
         verdict, detail = judge(p, run, expected, nonce)
         results.append({"verdict": verdict, "time_s": round(run.time_s, 3), **({"detail": detail} if detail else {})})
         if verdict != "passed" and not all_tests:
@@ -530,26 +700,28 @@ def grade_program(sb: Sandbox, p: Problem, program, all_tests: bool = False) -> 
 
 _worker = {}  # per worker process: its Sandbox and the last problem it loaded
 
-def _worker_init(limits: Limits, hide: list, tmp_dir):
-    _worker.update(sandbox=(sb := Sandbox(limits, hide, tmp_dir)), path=None)
-    multiprocessing.util.Finalize(sb, shutil.rmtree, (sb.base, True), exitpriority=10)  # at exit: its temporary dir
+def _worker_init(limits: Limits, hide: list, tmp_dir, setup: tuple):
+    _worker.update(sandbox=(sb := Sandbox(limits, hide, tmp_dir, setup)), path=None)
+    multiprocessing.util.Finalize(sb, sb.close, exitpriority=10)  # at exit: the interpreter waiting, its directory
 
 def _worker_grade(path: str, program, all_tests: bool) -> tuple:
     try:
         if _worker["path"] != path:
             with open(path, "rb") as f:
                 _worker.update(path=path, problem=pickle.load(f))
-        verdict, tests = grade_program(_worker["sandbox"], _worker["problem"], program, all_tests)
+        return (*grade_program(_worker["sandbox"], _worker["problem"], program, all_tests),
+                _worker["sandbox"].protections())
     except Exception:  # a harness failure is this sample's verdict, not the end of the run
-        verdict, tests = "error", [{"verdict": "error", "detail": traceback.format_exc()[-1000:]}]
-    return verdict, tests, _worker["sandbox"].protections()
+        return "error", [{"verdict": "error", "detail": traceback.format_exc()[-1000:]}], None
 
 def grade(problems: dict, records: list, limits: Limits, workers: int, all_tests=False, first_block=False, hide=(),
-          tmp_dir=None, progress=True) -> list:
-    """Add program, verdict and tests to each {task_id, completion}; return the protections active in the workers."""
+          tmp_dir=None, progress=True, sandbox=None) -> dict:
+    """Add program, verdict and tests to each {task_id, completion}, in the sandbox decided for the run (decided here,
+    refusing a weak one, when not given); return that record, with the protections the workers ran with."""
     from tqdm import tqdm
+    sandbox = sandbox or decide_sandbox(limits, hide, tmp_dir)
     cache = tempfile.mkdtemp(prefix="ssd-eval-problems-", dir=tmp_dir)  # tests travel to the workers once, by file
-    paths, protections = {}, []
+    paths = {}
     try:
         for r in records:
             r["program"] = extract_program(problems[r["task_id"]], r["completion"], first_block)
@@ -558,19 +730,19 @@ def grade(problems: dict, records: list, limits: Limits, workers: int, all_tests
                 with open(paths[r["task_id"]], "wb") as f:
                     pickle.dump(problems[r["task_id"]], f)
         # spawn: fresh workers, not forks of a parent that may hold a model and threads
-        with ProcessPoolExecutor(max(1, min(workers, len(records))), multiprocessing.get_context("spawn"),
-                                 _worker_init, (limits, list(hide) + [cache], tmp_dir)) as pool:
+        with ProcessPoolExecutor(max(1, min(workers, len(records))), multiprocessing.get_context("spawn"), _worker_init,
+                                 (limits, list(hide) + [cache], tmp_dir, SETUPS[sandbox["setup"]])) as pool:
             futures = {pool.submit(_worker_grade, paths[r["task_id"]], r["program"], all_tests): r for r in sorted(
                 records, key=lambda r: paths[r["task_id"]])}  # grouped by problem: fewer reloads per worker
             for fut in tqdm(as_completed(futures), total=len(futures), desc="grading", unit="sample",
                             disable=not progress, dynamic_ncols=True):
                 try:
-                    verdict, tests, prot = fut.result()
-                    protections += [prot] if prot not in protections else []
+                    verdict, tests, protections = fut.result()
+                    sandbox["protections"] = protections or sandbox["protections"]  # the paths hidden there too
                 except Exception as e:  # the worker died (its pool with it): an error verdict, not a crashed run
                     verdict, tests = "error", [{"verdict": "error", "detail": f"{type(e).__name__}: {e}"}]
                 futures[fut].update(verdict=verdict, tests=tests)
-        return protections
+        return sandbox
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -632,6 +804,8 @@ def parse_args(argv=None):
     add("--file_mb", type=int, default=64, help="largest file, stdout or stderr (more: output_limit) and /tmp size")
     add("--max_procs", type=int, default=64, help="processes and threads per program")
     add("--workers", type=int, default=os.cpu_count(), help="parallel grading processes")
+    add("--allow_weak_sandbox", action="store_true", help="as root, grade even without a sandbox uid or namespaces "
+        "that this machine should allow (recorded in summary.json and printed)")
     add("--output_dir", default="ssd-output/eval", help="for summary.json, samples.jsonl and completions.jsonl")
     return ap.parse_args(argv)
 
@@ -665,6 +839,13 @@ def main(argv=None) -> int:
             raise EvalError("--n, --workers, --timeout and --max_tokens must be positive")
         problems = load_problems(args.problems, args.release, args.start_date, args.end_date, args.difficulty)
         records = read_samples(args.samples, problems, args.prompt_style) if args.samples else None
+        hide = [os.path.dirname(os.path.abspath(p)) for p in (args.problems, args.samples or "") if os.path.isfile(p)]
+        hide += [os.path.abspath(args.output_dir), os.environ.get("HF_HOME", os.path.expanduser("~/.cache/hugging"
+                                                                                                   "face"))]
+        limits = Limits(args.timeout, args.memory_mb, args.file_mb, args.max_procs)
+        sandbox = decide_sandbox(limits, hide, allow_weak=args.allow_weak_sandbox)  # before any program or model
+        for i, line in enumerate(describe_sandbox(sandbox)):
+            print(line, file=sys.stderr if i else sys.stdout, flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
         if records is None:
             import ssd
@@ -679,11 +860,8 @@ def main(argv=None) -> int:
         return 2
     if missing := sorted(set(problems) - {r["task_id"] for r in records}):  # summary.json lists them
         print(f"warning: {len(missing)} problems have no samples and are left out of pass@k", file=sys.stderr)
-    hide = [os.path.dirname(os.path.abspath(p)) for p in (args.problems, args.samples or "") if os.path.isfile(p)]
-    hide += [os.path.abspath(args.output_dir), os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))]
-    limits = Limits(args.timeout, args.memory_mb, args.file_mb, args.max_procs)
-    protections = grade(problems, records, limits, args.workers, args.all_tests, args.first_block, hide)
-    summary = {"settings": vars(args), "protections": protections, "results": summarize(problems, records),
+    grade(problems, records, limits, args.workers, args.all_tests, args.first_block, hide, sandbox=sandbox)
+    summary = {"settings": vars(args), "sandbox": sandbox, "results": summarize(problems, records),
                "problems_without_samples": missing}
     with open(os.path.join(args.output_dir, "samples.jsonl"), "w") as f, open(
             os.path.join(args.output_dir, "summary.json"), "w") as g:
@@ -693,7 +871,7 @@ def main(argv=None) -> int:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("pass@"))
         print(f"prompt_style {res['prompt_style']}, temperature {res['temperature']}: {res['problems']} problems, "
               f"{res['samples']} samples  {scores}  verdicts {res['verdicts']}")
-    print(f"sandbox: {', '.join(k for k, v in protections[0].items() if v is True)}; results in {args.output_dir}")
+    print(f"results in {args.output_dir}")
     return 0
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ and then a correct one in the same worker, and checks that nothing the program s
 """
 
 import base64
+import fcntl
 import gzip
 import importlib.util
 import json
@@ -13,6 +14,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import types
 import zlib
 from fractions import Fraction
@@ -35,9 +37,21 @@ IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="a separate sandbox uid needs root")
 
 
-def sandbox_processes() -> list:
-    """Processes of any sandbox uid (only meaningful as root, where programs get their own uid)."""
-    return [pid for uid in range(ev.UID_BASE, ev.UID_BASE + 8) for pid in ev.processes_of(uid)]
+def sandbox_processes(count: int = 16) -> list:
+    """Processes of a sandbox uid that no evaluator holds: what one left behind (only meaningful as root, where
+    programs get their own uid). Other evaluators on the machine (other test runs) hold the uids they use."""
+    found, locks = [], os.path.join(tempfile.gettempdir(), "ssd-eval-uids")
+    for uid in range(ev.UID_BASE, ev.UID_BASE + count):
+        fd = os.open(path, os.O_RDONLY) if os.path.exists(path := os.path.join(locks, str(uid))) else -1
+        try:
+            if fd >= 0:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            found += ev.processes_of(uid)
+        except BlockingIOError:  # in use by a running evaluator
+            pass
+        finally:
+            os.close(fd) if fd >= 0 else None
+    return found
 
 
 def sandbox_files(*dirs) -> list:
@@ -58,9 +72,9 @@ def run_programs(programs, tmp_path, problem=SUM, **limits):
     records = [{"task_id": problem.task_id, "completion": f"```python\n{p}\n```"} for p in programs]
     sandbox_tmp = tmp_path / "sandbox"
     sandbox_tmp.mkdir(exist_ok=True)
-    protections = ev.grade({problem.task_id: problem}, records, ev.Limits(**{**LIMITS, **limits}), workers=1,
-                           hide=[str(FIXTURES)], tmp_dir=str(sandbox_tmp), progress=False)
-    assert len(protections) == 1 and protections[0]["sandbox_uid"] == IS_ROOT
+    sandbox = ev.grade({problem.task_id: problem}, records, ev.Limits(**{**LIMITS, **limits}), workers=1,
+                       hide=[str(FIXTURES)], tmp_dir=str(sandbox_tmp), progress=False)
+    assert sandbox["protections"]["sandbox_uid"] == IS_ROOT
     assert os.listdir(sandbox_tmp) == [], "the sandbox left its temporary directories behind"
     assert sandbox_processes() == [], "a process of the sandbox uid survived"
     assert sandbox_files(tmp_path) == [], "a program left files outside its directory"
@@ -289,7 +303,7 @@ def test_stdin_programs_graded_on_real_stdin_and_stdout(program, tmp_path):
     ("sum(range(10**12))", "time_limit"),  # a C-level loop: SIGALRM-based evaluators cannot stop it
     ("import signal\nfor s in (signal.SIGTERM, signal.SIGALRM, signal.SIGINT, signal.SIGHUP):\n"
      "    signal.signal(s, signal.SIG_IGN)\nwhile True:\n    pass", "time_limit"),
-    ("import os\nwhile True:\n    os.fork()", "runtime_error"),  # the fork bomb meets RLIMIT_NPROC
+    ("import os\nwhile True:\n    os.fork()", "runtime_error|time_limit"),  # RLIMIT_NPROC, or the clock under load
     ("x = bytearray(1 << 40)", "memory_limit"),
     ("chunks = []\nwhile True:\n    chunks.append(bytearray(1 << 24))", "memory_limit"),
     ("with open('fill', 'wb') as f:\n    while True:\n        f.write(b'x' * (1 << 20))", "runtime_error"),
@@ -302,8 +316,8 @@ def test_stdin_programs_graded_on_real_stdin_and_stdout(program, tmp_path):
 ], ids=["python-loop", "c-loop", "ignores-signals", "fork-bomb", "memory-bomb", "memory-growth", "disk-fill",
         "many-files", "stdout-flood", "stderr-flood", "recursion-crash", "os-exit-before-output"])
 def test_hostile_program_is_contained(program, verdict, tmp_path):
-    bad = hostile(program, tmp_path)
-    assert bad["verdict"] == verdict, bad
+    bad = hostile(program, tmp_path)  # contained and cleaned up either way: hostile() checks that
+    assert bad["verdict"] in verdict.split("|"), bad
 
 
 def test_setsid_grandchild_is_killed(tmp_path):
@@ -383,13 +397,17 @@ def cli(*args, check_rc=0):
 
 
 def test_cli_grades_a_samples_file(tmp_path):
-    cli("--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(FIXTURES / "lcb_samples.jsonl"),
-        "--output_dir", str(tmp_path), "--workers", "2", "--timeout", "2")
+    out = cli("--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(FIXTURES / "lcb_samples.jsonl"),
+              "--output_dir", str(tmp_path), "--workers", "2", "--timeout", "2").stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     (res,) = summary["results"]
     assert res["pass@1"] == 0.5 and res["problems"] == 5 and res["verdicts"]["no_code"] == 1
     assert set(res["by_difficulty"]) == {"easy", "medium", "hard"} and "leetcode" in res["by_platform"]
-    assert summary["protections"][0]["sandbox_uid"] == IS_ROOT
+    assert summary["sandbox"]["protections"]["sandbox_uid"] == IS_ROOT
+    assert summary["sandbox"]["allow_weak_sandbox"] is False and (summary["sandbox"]["failed"] == {} or not IS_ROOT)
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("sandbox: ")]  # once, before grading
+    assert line == ev.describe_sandbox(summary["sandbox"])[0], line
+    assert out.splitlines()[-1] == f"results in {tmp_path}"
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and rows[0]["program"].startswith("a, b = map") and rows[0]["tests"][0]["verdict"]
     assert summary["settings"]["prompt_style"] is None and res["prompt_style"] is None  # the samples do not say
