@@ -1296,11 +1296,7 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
                                   fill=state is None)
     model.checkpointing = cfg.gradient_checkpointing
     model.train()
-    params, exp_avg, exp_avg_sq = opt = adamw_state(model)
-    shard_gb = sum(p.to_local().nbytes for p in params) / 2**30
-    print(f"[rank {rank}] {shard_gb:.2f} GB of fp32 weights on this rank; peak memory so far: host "
-          f"{peak_host_gb():.2f} GB" + (f", device {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
-                                        if device.type == "cuda" else ""))
+    params, exp_avg, exp_avg_sq = opt = adamw_state(model)  # memory: the phase report's "train: load" line
     if state is None:
         return model, tokenizer, opt, 0
     with torch.no_grad():
