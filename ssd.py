@@ -900,6 +900,12 @@ class Engine:
         cfg, w = model.config, model.head_weight()
         self.model, self.draw, self.finish, self.device = model, draw, finish, w.device
         self.rows, self.max_new_tokens, self.eos, self.block_size = rows, max_new_tokens, eos, block_size
+        per_seq = -(-length // block_size)  # blocks of the longest sequence
+        cache_tokens = cache_tokens or default_cache_tokens(model, rows, per_seq * block_size)
+        if cache_tokens // block_size < per_seq:
+            raise SSDError(f"a KV cache of {cache_tokens} tokens holds no sequence of {length} tokens (longest prompt "
+                           f"+ new tokens, in blocks of {block_size}); raise --cache_tokens or lower "
+                           "--max_completion_length / --max_prompt_length")
         shape = (cfg.num_layers, cache_tokens // block_size + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.cache = PagedKV(torch.zeros(shape, device=w.device, dtype=w.dtype),
                              torch.zeros(shape, device=w.device, dtype=w.dtype))
@@ -1049,13 +1055,6 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
             check_sampling_args(temperature, top_k, top_p, min_p)
         except ValueError as e:
             raise SSDError(str(e)) from None
-    n_rows = min(batch_size, len(prompts) * num_samples)
-    per_seq = -(-length // block_size)  # blocks of the longest sequence
-    budget = cache_tokens or default_cache_tokens(model, n_rows, per_seq * block_size)
-    if budget // block_size < per_seq:
-        raise SSDError(f"a KV cache of {budget} tokens holds no sequence of {length} tokens (longest prompt + new "
-                       f"tokens, in blocks of {block_size}); raise --cache_tokens or lower --max_completion_length / "
-                       "--max_prompt_length")
 
     def draw(logits, seq_ids, positions):
         if greedy:
@@ -1065,16 +1064,16 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
                          positions=positions)
 
     results = [[None] * num_samples for _ in prompts]
-    bar = tqdm(total=len(prompts) * num_samples, unit="completion", disable=not progress, dynamic_ncols=True)
 
     def finish(seq: Sequence, completion: Completion):
         results[seq.prompt][seq.sample] = completion
         if on_finish is not None:
             on_finish(seq.prompt, seq.sample, completion)
         bar.update(1)
-    engine = Engine(model, draw, rows=n_rows, length=length, max_new_tokens=max_new_tokens, finish=finish,
-                    eos=set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids), cache_tokens=budget,
-                    block_size=block_size)
+    eos = set(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    engine = Engine(model, draw, rows=min(batch_size, len(prompts) * num_samples), length=length, finish=finish,
+                    max_new_tokens=max_new_tokens, eos=eos, cache_tokens=cache_tokens, block_size=block_size)
+    bar = tqdm(total=len(prompts) * num_samples, unit="completion", disable=not progress, dynamic_ncols=True)
     engine.queue.extend([Sequence(i, j, ids[i] * num_samples + j, i * num_samples + j, list(p), len(p))
                          for j in range(num_samples)] for i, p in enumerate(prompts))
     t0 = time.perf_counter()
@@ -1551,11 +1550,7 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
     init_lora_(model, cfg.seed)
     model.checkpointing = cfg.gradient_checkpointing
     model.train()
-    params, exp_avg, exp_avg_sq = opt = adamw_state(model)
-    shard_gb = sum(p.to_local().nbytes for p in model.parameters()) / 2**30
-    print(f"[rank {rank}] {shard_gb:.2f} GB of weights on this rank; peak memory so far: host "
-          f"{peak_host_gb():.2f} GB" + (f", device {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
-                                        if device.type == "cuda" else ""))
+    params, exp_avg, exp_avg_sq = opt = adamw_state(model)  # memory: the phase report's "train: load" line
     if state is None:
         return model, tokenizer, opt, 0
     with torch.no_grad():
