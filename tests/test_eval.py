@@ -411,6 +411,14 @@ def test_cli_grades_a_samples_file(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and rows[0]["program"].startswith("a, b = map") and rows[0]["tests"][0]["verdict"]
     assert summary["settings"]["prompt_style"] is None and res["prompt_style"] is None  # the samples do not say
+    assert summary["fast_paths"] is None  # grading only: no fast path ran
+
+
+def test_fast_path_flags_are_ssds():
+    ssd = pytest.importorskip("ssd")
+    assert ev.FAST_PATHS == tuple(ssd.FAST_PATHS)
+    args = ev.parse_args(["--no-cuda_graphs"])
+    assert [getattr(args, n) for n in ev.FAST_PATHS] == [n != "cuda_graphs" for n in ev.FAST_PATHS]
 
 
 def test_samples_file_prompt_style_label(tmp_path):
@@ -444,10 +452,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("ssd", "ssd_kernels")),
                     reason="needs ssd and ssd_kernels")
 def test_cli_generates_and_grades_with_the_tiny_model(tmp_path, tiny_model_dir):
-    cli("--model_name_or_path", str(tiny_model_dir), "--problems", str(FIXTURES / "lcb_mini.jsonl"), "--n", "2",
-        "--temperature", "0.7", "1.1", "--max_tokens", "24", "--workers", "2", "--timeout", "2", "--output_dir",
-        str(tmp_path))
+    err = cli("--model_name_or_path", str(tiny_model_dir), "--problems", str(FIXTURES / "lcb_mini.jsonl"), "--n", "2",
+              "--temperature", "0.7", "1.1", "--max_tokens", "24", "--workers", "2", "--timeout", "2", "--output_dir",
+              str(tmp_path), "--no-fused_sampler").stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
+    expected = {n: "off (cpu)" for n in ev.FAST_PATHS} | {"fused_sampler": "off (flag)"}
+    assert summary["fast_paths"] == expected and summary["settings"]["fused_sampler"] is False
+    assert "fast paths: " + ", ".join(f"{n} {s}" for n, s in expected.items()) in err.splitlines()
     assert [r["temperature"] for r in summary["results"]] == [0.7, 1.1]
     assert all(r["samples"] == 10 and "pass@1" in r for r in summary["results"])
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -476,6 +487,8 @@ def test_prompt_style_reaches_generation_and_the_summary(tmp_path, monkeypatch):
     model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=64, eos_token_ids=[0]))
     fake = types.ModuleType("ssd")
     fake.SSDError = RuntimeError
+    fake.FAST_PATHS, fake.FAST_PATH_STATUS = dict.fromkeys(ev.FAST_PATHS, True), {"fused_sampler": "fell back (x)"}
+    fake.self_test = lambda device, enabled, path, sampling: {n: "off (cpu)" for n in enabled}
     fake.load_model = lambda path, device, dtype: (model, Tokenizer())
     fake.generate = lambda model, prompts, num_samples, **kw: [
         [types.SimpleNamespace(tokens=[7, 0], stop="eos")] * num_samples for _ in prompts]
@@ -488,6 +501,7 @@ def test_prompt_style_reaches_generation_and_the_summary(tmp_path, monkeypatch):
         problem_description=problems["fx_sum"].question)}]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["settings"]["prompt_style"] == "ml-ssd"
+    assert summary["fast_paths"] == {"fused_sampler": "fell back (x)"}  # FAST_PATH_STATUS after generation
     assert [(r["prompt_style"], r["samples"]) for r in summary["results"]] == [("ml-ssd", 10)]
     for name in ("completions.jsonl", "samples.jsonl"):
         rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
