@@ -788,7 +788,8 @@ def parse_args(argv=None):
     add = ap.add_argument
     add("--problems", default="livecodebench", help="a .jsonl(.gz) of problems, or livecodebench, humaneval, mbpp")
     add("--samples", help="grade this JSONL of {task_id or question_id, completion[, temperature]}")
-    add("--model_name_or_path", help="generate the samples with this model (ssd.py's sampler), then grade them")
+    add("--model_name_or_path", help="generate the samples with this model or LoRA adapter directory (ssd.py's "
+        "sampler), then grade them")
     add("--release", default="v6", help="LiveCodeBench release: release_vN, vN (what N added) or vN_vM")
     add("--start_date", help="first contest date, YYYY-MM-DD (hub LiveCodeBench default 2025-02-01)")
     add("--end_date", help="last contest date, YYYY-MM-DD (hub LiveCodeBench default 2025-05-31)")

@@ -517,3 +517,31 @@ def test_humaneval_canonical_solutions_all_pass(tmp_path):
     records = [{"task_id": r["task_id"], "completion": r["canonical_solution"]} for r in rows]
     ev.grade(problems, records, ev.Limits(), os.cpu_count(), tmp_dir=str(tmp_path), progress=False)
     assert [r["task_id"] for r in records if r["verdict"] != "passed"] == []
+
+
+def test_lora_adapter_directory_generates_as_its_merged_model(tmp_path, tiny_model_dir):
+    """A PEFT adapter directory as --model_name_or_path: greedy completions equal those of the model peft merges."""
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=32, init_lora_weights=False, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model.save_pretrained(tmp_path / "adapter")  # adapter_config.json names the tiny model as its base
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_model_dir)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    for d in ("adapter", "merged"):
+        tok.save_pretrained(tmp_path / d)
+    problems = list(ev.load_problems(str(FIXTURES / "lcb_mini.jsonl")).values())
+
+    def completions(path):
+        args = ev.parse_args(["--model_name_or_path", str(path), "--temperature", "0", "--max_tokens", "16"])
+        args.prompt_style = "livecodebench"
+        return [(r["task_id"], r["completion"], r["tokens"]) for r in ev.generate_samples(args, problems)]
+
+    adapted = completions(tmp_path / "adapter")
+    assert adapted == completions(tmp_path / "merged")
+    assert adapted != completions(tiny_model_dir)  # the adapter changed what the model writes
