@@ -781,6 +781,52 @@ def summarize(problems: dict, records: list) -> list:
             "test_verdicts": dict(Counter(t["verdict"] for r in rows for t in r["tests"]))})
     return results
 
+# ---------------------------------------------------------------- the temperature sweep -------------------------------
+def train_temperature(args, records: list):
+    """T_train of the model that wrote the samples: --train_temperature, else the temperature in the ssd_config.json
+    that ssd.py leaves beside its model (or adapter), else the one train_temperature the samples record, else None."""
+    if args.train_temperature is not None:
+        return args.train_temperature
+    if args.model_name_or_path and os.path.isfile(config := os.path.join(args.model_name_or_path, "ssd_config.json")):
+        with open(config) as f:
+            return json.load(f)["temperature"]
+    known = {r.get("train_temperature") for r in records}
+    return known.pop() if len(known) == 1 else None  # several: the samples come from different models
+
+def sweep_table(results: list, t_train) -> list:
+    """Markdown lines: pass@k per prompt style and T_eval (and T_eff = T_train x T_eval when T_train is known)."""
+    ks = [k for k in (f"pass@{k}" for k in STANDARD_KS) if any(k in r for r in results)]
+    known = t_train is not None
+    head = ["prompt_style", "T_eval", *["T_eff"][:known], *ks]
+    rows = [[str(r["prompt_style"]), f"{r['temperature']:g}", *([f"{t_train * r['temperature']:g}"] if known else []),
+             *[f"{r[k]:.4f}" if k in r else "" for k in ks]] for r in results]
+    return ["| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *rows]]
+
+def plot_sweep(results: list, t_train, path: str) -> bool:
+    """pass@k against T_eval, one panel per prompt style, T_eff on the top axis when T_train is known: the paper's
+    main figure. False when matplotlib (optional) is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+    styles = list(dict.fromkeys(r["prompt_style"] for r in results))
+    fig, axes = plt.subplots(1, len(styles), figsize=(5 * len(styles), 4), squeeze=False)
+    for ax, style in zip(axes[0], styles):
+        rows = [r for r in results if r["prompt_style"] == style]
+        for k in [k for k in (f"pass@{k}" for k in STANDARD_KS) if any(k in r for r in rows)]:
+            ax.plot(*zip(*[(r["temperature"], r[k]) for r in rows if k in r]), marker="o", label=k)
+        ax.set(title=f"prompt_style {style}", xlabel="T_eval", ylabel="pass@k")
+        ax.grid(alpha=0.3), ax.legend()
+        if t_train is not None and t_train > 0:
+            ax.secondary_xaxis("top", functions=(lambda t: t * t_train, lambda t: t / t_train)).set_xlabel(
+                f"T_eff = T_train x T_eval (T_train {t_train:g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
 # ---------------------------------------------------------------- command line ----------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -812,6 +858,8 @@ def parse_args(argv=None):
     add("--workers", type=int, default=os.cpu_count(), help="parallel grading processes")
     add("--allow_weak_sandbox", action="store_true", help="as root, grade even without a sandbox uid or namespaces "
         "that this machine should allow (recorded in summary.json and printed)")
+    add("--train_temperature", type=float, help="T_train of the model that wrote the samples, for T_eff in the sweep "
+        "(default: ssd_config.json beside the model, or the samples' train_temperature)")
     for name in FAST_PATHS:
         add(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=f"generation: ssd.py's {name} fast "
             "path (CUDA), self-tested against its torch reference first")
@@ -824,6 +872,8 @@ def read_samples(path: str, problems: dict, style=None) -> list:
         task_id = str(row.get("task_id", row.get("question_id")))
         if task_id == "None" or not isinstance(row.get("completion"), str):
             raise EvalError(f"{path}:{i}: a sample needs task_id (or question_id) and a completion string")
+        if not all(isinstance(row.get(k) or 0, (int, float)) for k in ("temperature", "train_temperature")):
+            raise EvalError(f"{path}:{i}: temperature and train_temperature must be numbers")
         if task_id not in problems:
             raise EvalError(f"{path}:{i}: task {task_id} is not among the {len(problems)} problems loaded; check "
                             "--problems and its filters")
@@ -873,7 +923,8 @@ def main(argv=None) -> int:
         print(f"warning: {len(missing)} problems have no samples and are left out of pass@k", file=sys.stderr)
     grade(problems, records, limits, args.workers, args.all_tests, args.first_block, hide, sandbox=sandbox)
     summary = {"settings": vars(args), "sandbox": sandbox, "fast_paths": fast_paths,
-               "results": summarize(problems, records), "problems_without_samples": missing}
+               "train_temperature": train_temperature(args, records), "results": summarize(problems, records),
+               "problems_without_samples": missing}
     with open(os.path.join(args.output_dir, "samples.jsonl"), "w") as f, open(
             os.path.join(args.output_dir, "summary.json"), "w") as g:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -882,6 +933,12 @@ def main(argv=None) -> int:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("pass@"))
         print(f"prompt_style {res['prompt_style']}, temperature {res['temperature']}: {res['problems']} problems, "
               f"{res['samples']} samples  {scores}  verdicts {res['verdicts']}")
+    swept = [r for r in summary["results"] if r["temperature"] is not None]
+    if len({r["temperature"] for r in swept}) > 1:  # a temperature sweep: the paper's figure, and its numbers
+        print("\n".join(sweep_table(swept, summary["train_temperature"])))
+        picture = os.path.join(args.output_dir, "temperature_sweep.png")
+        print(f"plot in {picture}" if plot_sweep(swept, summary["train_temperature"], picture) else
+              "matplotlib is not installed: no temperature_sweep.png (pip install matplotlib to get it)")
     print(f"results in {args.output_dir}")
     return 0
 

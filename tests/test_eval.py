@@ -545,3 +545,59 @@ def test_lora_adapter_directory_generates_as_its_merged_model(tmp_path, tiny_mod
     adapted = completions(tmp_path / "adapter")
     assert adapted == completions(tmp_path / "merged")
     assert adapted != completions(tiny_model_dir)  # the adapter changed what the model writes
+
+
+def sweep_samples(tmp_path, **extra) -> Path:
+    """lcb_samples.jsonl as if sampled at three temperatures: as it is (pass@1 0.5), each problem's first sample twice,
+    and no code at all (0)."""
+    rows = [json.loads(line) for line in (FIXTURES / "lcb_samples.jsonl").read_text().splitlines()]
+    swept = [{**r, "temperature": 0.6} for r in rows] + [{**rows[j - j % 2], "temperature": 0.9} for j in range(
+        len(rows))] + [{**r, "completion": "no code", "temperature": 1.2} for r in rows]
+    (path := tmp_path / "swept.jsonl").write_text("".join(json.dumps(r | extra) + "\n" for r in swept))
+    return path
+
+
+def test_temperature_sweep_table_and_plot(tmp_path):
+    out = cli("--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(sweep_samples(
+        tmp_path, train_temperature=1.5)), "--output_dir", str(tmp_path / "out"), "--workers", "2", "--timeout", "2")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train_temperature"] == 1.5 and [r["temperature"] for r in summary["results"]] == [0.6, 0.9, 1.2]
+    lines = out.stdout.splitlines()
+    at = lines.index("| prompt_style | T_eval | T_eff | pass@1 |")
+    assert lines[at + 1] == "| --- | --- | --- | --- |"
+    assert lines[at + 2:at + 5] == [f"| None | {r['temperature']:g} | {1.5 * r['temperature']:g} | {r['pass@1']:.4f} |"
+                                    for r in summary["results"]]
+    assert len({r["pass@1"] for r in summary["results"]}) == 3  # the rows are told apart
+    picture = tmp_path / "out" / "temperature_sweep.png"
+    assert lines[at + 5] == f"plot in {picture}" and lines[-1] == f"results in {tmp_path / 'out'}"
+    import matplotlib.image
+    height, width, _ = matplotlib.image.imread(picture).shape
+    assert (width, height) == (600, 480)
+
+
+def test_temperature_sweep_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert ev.main(["--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(sweep_samples(tmp_path)),
+                    "--output_dir", str(tmp_path / "out"), "--workers", "1", "--timeout", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| prompt_style | T_eval | pass@1 |" in lines  # T_train unknown: no T_eff
+    assert "matplotlib is not installed: no temperature_sweep.png (pip install matplotlib to get it)" in lines
+    assert not (tmp_path / "out" / "temperature_sweep.png").exists()
+
+
+def test_train_temperature_from_ssd_config(tmp_path):
+    (tmp_path / "ssd_config.json").write_text(json.dumps({"temperature": 1.6, "top_k": 20}))
+    args = ev.parse_args(["--model_name_or_path", str(tmp_path)])
+    assert ev.train_temperature(args, [{"train_temperature": 0.5}]) == 1.6
+    assert ev.train_temperature(ev.parse_args(["--model_name_or_path", str(tmp_path), "--train_temperature", "2"]),
+                                []) == 2.0
+    assert ev.train_temperature(ev.parse_args([]), [{"train_temperature": 1.1}, {}]) is None  # mixed: unknown
+
+
+def test_sweep_plot_has_a_panel_per_prompt_style(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    results = [{"prompt_style": s, "temperature": t, "pass@1": t / 2} for s in ("livecodebench", "ml-ssd")
+               for t in (0.5, 1.0)]
+    assert ev.plot_sweep(results, None, str(tmp_path / "p.png"))
+    assert matplotlib.image.imread(tmp_path / "p.png").shape[:2] == (480, 1200)
