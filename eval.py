@@ -45,6 +45,8 @@ STANDARD_KS = (1, 5, 10, 20, 50, 100, 200, 500, 1000)  # a k is reported when ev
 FLOAT_TOL = 1e-6  # absolute or relative error accepted between real-valued tokens (integers must match exactly)
 UID_BASE, UID_COUNT = 60000, 5000  # sandbox uids, two per worker; no passwd entry needed
 PAPER_WINDOW = ("2025-02-01", "2025-05-31")  # the paper's LiveCodeBench contest dates, the hub default
+# ssd.FAST_PATHS' names, for the flags (a test checks they agree): importing ssd would load torch for grading-only runs
+FAST_PATHS = ("fused_sampler", "paged_attention", "cuda_graphs", "flash_varlen", "grouped_mm")
 
 class EvalError(Exception):
     """Bad input: the message is one line naming the problem and the fix."""
@@ -184,6 +186,9 @@ def generate_samples(args, problems: list) -> list:
     import ssd
     messages = [build_messages(p, args.prompt_style) for p in problems]  # a problem it cannot ask fails here, not later
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    status = ssd.self_test(torch.device(device), {n: getattr(args, n) for n in ssd.FAST_PATHS}, args.model_name_or_path,
+                           [(t, args.top_k, args.top_p, 0.0) for t in args.temperature if t > 0])  # before the weights
+    print("fast paths: " + ", ".join(f"{name} {s}" for name, s in status.items()), file=sys.stderr, flush=True)
     model, tok = ssd.load_model(args.model_name_or_path, device, dtype)
     prompts = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
                    add_special_tokens=False).input_ids for m in messages]  # the template already has any BOS
@@ -776,6 +781,52 @@ def summarize(problems: dict, records: list) -> list:
             "test_verdicts": dict(Counter(t["verdict"] for r in rows for t in r["tests"]))})
     return results
 
+# ---------------------------------------------------------------- the temperature sweep -------------------------------
+def train_temperature(args, records: list):
+    """T_train of the model that wrote the samples: --train_temperature, else the temperature in the ssd_config.json
+    that ssd.py leaves beside its model (or adapter), else the one train_temperature the samples record, else None."""
+    if args.train_temperature is not None:
+        return args.train_temperature
+    if args.model_name_or_path and os.path.isfile(config := os.path.join(args.model_name_or_path, "ssd_config.json")):
+        with open(config) as f:
+            return json.load(f)["temperature"]
+    known = {r.get("train_temperature") for r in records}
+    return known.pop() if len(known) == 1 else None  # several: the samples come from different models
+
+def sweep_table(results: list, t_train) -> list:
+    """Markdown lines: pass@k per prompt style and T_eval (and T_eff = T_train x T_eval when T_train is known)."""
+    ks = [k for k in (f"pass@{k}" for k in STANDARD_KS) if any(k in r for r in results)]
+    known = t_train is not None
+    head = ["prompt_style", "T_eval", *["T_eff"][:known], *ks]
+    rows = [[str(r["prompt_style"]), f"{r['temperature']:g}", *([f"{t_train * r['temperature']:g}"] if known else []),
+             *[f"{r[k]:.4f}" if k in r else "" for k in ks]] for r in results]
+    return ["| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *rows]]
+
+def plot_sweep(results: list, t_train, path: str) -> bool:
+    """pass@k against T_eval, one panel per prompt style, T_eff on the top axis when T_train is known: the paper's
+    main figure. False when matplotlib (optional) is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+    styles = list(dict.fromkeys(r["prompt_style"] for r in results))
+    fig, axes = plt.subplots(1, len(styles), figsize=(5 * len(styles), 4), squeeze=False)
+    for ax, style in zip(axes[0], styles):
+        rows = [r for r in results if r["prompt_style"] == style]
+        for k in [k for k in (f"pass@{k}" for k in STANDARD_KS) if any(k in r for r in rows)]:
+            ax.plot(*zip(*[(r["temperature"], r[k]) for r in rows if k in r]), marker="o", label=k)
+        ax.set(title=f"prompt_style {style}", xlabel="T_eval", ylabel="pass@k")
+        ax.grid(alpha=0.3), ax.legend()
+        if t_train is not None and t_train > 0:
+            ax.secondary_xaxis("top", functions=(lambda t: t * t_train, lambda t: t / t_train)).set_xlabel(
+                f"T_eff = T_train x T_eval (T_train {t_train:g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
 # ---------------------------------------------------------------- command line ----------------------------------------
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -783,7 +834,8 @@ def parse_args(argv=None):
     add = ap.add_argument
     add("--problems", default="livecodebench", help="a .jsonl(.gz) of problems, or livecodebench, humaneval, mbpp")
     add("--samples", help="grade this JSONL of {task_id or question_id, completion[, temperature]}")
-    add("--model_name_or_path", help="generate the samples with this model (ssd.py's sampler), then grade them")
+    add("--model_name_or_path", help="generate the samples with this model or LoRA adapter directory (ssd.py's "
+        "sampler), then grade them")
     add("--release", default="v6", help="LiveCodeBench release: release_vN, vN (what N added) or vN_vM")
     add("--start_date", help="first contest date, YYYY-MM-DD (hub LiveCodeBench default 2025-02-01)")
     add("--end_date", help="last contest date, YYYY-MM-DD (hub LiveCodeBench default 2025-05-31)")
@@ -806,6 +858,11 @@ def parse_args(argv=None):
     add("--workers", type=int, default=os.cpu_count(), help="parallel grading processes")
     add("--allow_weak_sandbox", action="store_true", help="as root, grade even without a sandbox uid or namespaces "
         "that this machine should allow (recorded in summary.json and printed)")
+    add("--train_temperature", type=float, help="T_train of the model that wrote the samples, for T_eff in the sweep "
+        "(default: ssd_config.json beside the model, or the samples' train_temperature)")
+    for name in FAST_PATHS:
+        add(f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=f"generation: ssd.py's {name} fast "
+            "path (CUDA), self-tested against its torch reference first")
     add("--output_dir", default="ssd-output/eval", help="for summary.json, samples.jsonl and completions.jsonl")
     return ap.parse_args(argv)
 
@@ -815,6 +872,8 @@ def read_samples(path: str, problems: dict, style=None) -> list:
         task_id = str(row.get("task_id", row.get("question_id")))
         if task_id == "None" or not isinstance(row.get("completion"), str):
             raise EvalError(f"{path}:{i}: a sample needs task_id (or question_id) and a completion string")
+        if not all(isinstance(row.get(k) or 0, (int, float)) for k in ("temperature", "train_temperature")):
+            raise EvalError(f"{path}:{i}: temperature and train_temperature must be numbers")
         if task_id not in problems:
             raise EvalError(f"{path}:{i}: task {task_id} is not among the {len(problems)} problems loaded; check "
                             "--problems and its filters")
@@ -847,12 +906,14 @@ def main(argv=None) -> int:
         for i, line in enumerate(describe_sandbox(sandbox)):
             print(line, file=sys.stderr if i else sys.stdout, flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
+        fast_paths = None  # grading only: nothing ran on them
         if records is None:
             import ssd
             try:
                 records = generate_samples(args, list(problems.values()))
             except ssd.SSDError as e:
                 raise EvalError(str(e)) from None
+            fast_paths = dict(ssd.FAST_PATH_STATUS)  # the self-test's, and any fall-back during generation
             with open(os.path.join(args.output_dir, "completions.jsonl"), "w") as f:  # re-gradable with --samples
                 f.writelines(json.dumps(r) + "\n" for r in records)
     except EvalError as e:
@@ -861,7 +922,8 @@ def main(argv=None) -> int:
     if missing := sorted(set(problems) - {r["task_id"] for r in records}):  # summary.json lists them
         print(f"warning: {len(missing)} problems have no samples and are left out of pass@k", file=sys.stderr)
     grade(problems, records, limits, args.workers, args.all_tests, args.first_block, hide, sandbox=sandbox)
-    summary = {"settings": vars(args), "sandbox": sandbox, "results": summarize(problems, records),
+    summary = {"settings": vars(args), "sandbox": sandbox, "fast_paths": fast_paths,
+               "train_temperature": train_temperature(args, records), "results": summarize(problems, records),
                "problems_without_samples": missing}
     with open(os.path.join(args.output_dir, "samples.jsonl"), "w") as f, open(
             os.path.join(args.output_dir, "summary.json"), "w") as g:
@@ -871,6 +933,12 @@ def main(argv=None) -> int:
         scores = "  ".join(f"{k} {v:.4f}" for k, v in res.items() if k.startswith("pass@"))
         print(f"prompt_style {res['prompt_style']}, temperature {res['temperature']}: {res['problems']} problems, "
               f"{res['samples']} samples  {scores}  verdicts {res['verdicts']}")
+    swept = [r for r in summary["results"] if r["temperature"] is not None]
+    if len({r["temperature"] for r in swept}) > 1:  # a temperature sweep: the paper's figure, and its numbers
+        print("\n".join(sweep_table(swept, summary["train_temperature"])))
+        picture = os.path.join(args.output_dir, "temperature_sweep.png")
+        print(f"plot in {picture}" if plot_sweep(swept, summary["train_temperature"], picture) else
+              "matplotlib is not installed: no temperature_sweep.png (pip install matplotlib to get it)")
     print(f"results in {args.output_dir}")
     return 0
 

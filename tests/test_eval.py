@@ -411,6 +411,14 @@ def test_cli_grades_a_samples_file(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 10 and rows[0]["program"].startswith("a, b = map") and rows[0]["tests"][0]["verdict"]
     assert summary["settings"]["prompt_style"] is None and res["prompt_style"] is None  # the samples do not say
+    assert summary["fast_paths"] is None  # grading only: no fast path ran
+
+
+def test_fast_path_flags_are_ssds():
+    ssd = pytest.importorskip("ssd")
+    assert ev.FAST_PATHS == tuple(ssd.FAST_PATHS)
+    args = ev.parse_args(["--no-cuda_graphs"])
+    assert [getattr(args, n) for n in ev.FAST_PATHS] == [n != "cuda_graphs" for n in ev.FAST_PATHS]
 
 
 def test_samples_file_prompt_style_label(tmp_path):
@@ -444,10 +452,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(args, message):
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("ssd", "ssd_kernels")),
                     reason="needs ssd and ssd_kernels")
 def test_cli_generates_and_grades_with_the_tiny_model(tmp_path, tiny_model_dir):
-    cli("--model_name_or_path", str(tiny_model_dir), "--problems", str(FIXTURES / "lcb_mini.jsonl"), "--n", "2",
-        "--temperature", "0.7", "1.1", "--max_tokens", "24", "--workers", "2", "--timeout", "2", "--output_dir",
-        str(tmp_path))
+    err = cli("--model_name_or_path", str(tiny_model_dir), "--problems", str(FIXTURES / "lcb_mini.jsonl"), "--n", "2",
+              "--temperature", "0.7", "1.1", "--max_tokens", "24", "--workers", "2", "--timeout", "2", "--output_dir",
+              str(tmp_path), "--no-fused_sampler").stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
+    expected = {n: "off (cpu)" for n in ev.FAST_PATHS} | {"fused_sampler": "off (flag)"}
+    assert summary["fast_paths"] == expected and summary["settings"]["fused_sampler"] is False
+    assert "fast paths: " + ", ".join(f"{n} {s}" for n, s in expected.items()) in err.splitlines()
     assert [r["temperature"] for r in summary["results"]] == [0.7, 1.1]
     assert all(r["samples"] == 10 and "pass@1" in r for r in summary["results"])
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
@@ -476,6 +487,8 @@ def test_prompt_style_reaches_generation_and_the_summary(tmp_path, monkeypatch):
     model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=64, eos_token_ids=[0]))
     fake = types.ModuleType("ssd")
     fake.SSDError = RuntimeError
+    fake.FAST_PATHS, fake.FAST_PATH_STATUS = dict.fromkeys(ev.FAST_PATHS, True), {"fused_sampler": "fell back (x)"}
+    fake.self_test = lambda device, enabled, path, sampling: {n: "off (cpu)" for n in enabled}
     fake.load_model = lambda path, device, dtype: (model, Tokenizer())
     fake.generate = lambda model, prompts, num_samples, **kw: [
         [types.SimpleNamespace(tokens=[7, 0], stop="eos")] * num_samples for _ in prompts]
@@ -488,6 +501,7 @@ def test_prompt_style_reaches_generation_and_the_summary(tmp_path, monkeypatch):
         problem_description=problems["fx_sum"].question)}]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["settings"]["prompt_style"] == "ml-ssd"
+    assert summary["fast_paths"] == {"fused_sampler": "fell back (x)"}  # FAST_PATH_STATUS after generation
     assert [(r["prompt_style"], r["samples"]) for r in summary["results"]] == [("ml-ssd", 10)]
     for name in ("completions.jsonl", "samples.jsonl"):
         rows = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
@@ -503,3 +517,87 @@ def test_humaneval_canonical_solutions_all_pass(tmp_path):
     records = [{"task_id": r["task_id"], "completion": r["canonical_solution"]} for r in rows]
     ev.grade(problems, records, ev.Limits(), os.cpu_count(), tmp_dir=str(tmp_path), progress=False)
     assert [r["task_id"] for r in records if r["verdict"] != "passed"] == []
+
+
+def test_lora_adapter_directory_generates_as_its_merged_model(tmp_path, tiny_model_dir):
+    """A PEFT adapter directory as --model_name_or_path: greedy completions equal those of the model peft merges."""
+    peft = pytest.importorskip("peft")
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=32, init_lora_weights=False, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    model.save_pretrained(tmp_path / "adapter")  # adapter_config.json names the tiny model as its base
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_model_dir)
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    for d in ("adapter", "merged"):
+        tok.save_pretrained(tmp_path / d)
+    problems = list(ev.load_problems(str(FIXTURES / "lcb_mini.jsonl")).values())
+
+    def completions(path):
+        args = ev.parse_args(["--model_name_or_path", str(path), "--temperature", "0", "--max_tokens", "16"])
+        args.prompt_style = "livecodebench"
+        return [(r["task_id"], r["completion"], r["tokens"]) for r in ev.generate_samples(args, problems)]
+
+    adapted = completions(tmp_path / "adapter")
+    assert adapted == completions(tmp_path / "merged")
+    assert adapted != completions(tiny_model_dir)  # the adapter changed what the model writes
+
+
+def sweep_samples(tmp_path, **extra) -> Path:
+    """lcb_samples.jsonl as if sampled at three temperatures: as it is (pass@1 0.5), each problem's first sample twice,
+    and no code at all (0)."""
+    rows = [json.loads(line) for line in (FIXTURES / "lcb_samples.jsonl").read_text().splitlines()]
+    swept = [{**r, "temperature": 0.6} for r in rows] + [{**rows[j - j % 2], "temperature": 0.9} for j in range(
+        len(rows))] + [{**r, "completion": "no code", "temperature": 1.2} for r in rows]
+    (path := tmp_path / "swept.jsonl").write_text("".join(json.dumps(r | extra) + "\n" for r in swept))
+    return path
+
+
+def test_temperature_sweep_table_and_plot(tmp_path):
+    out = cli("--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(sweep_samples(
+        tmp_path, train_temperature=1.5)), "--output_dir", str(tmp_path / "out"), "--workers", "2", "--timeout", "2")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["train_temperature"] == 1.5 and [r["temperature"] for r in summary["results"]] == [0.6, 0.9, 1.2]
+    lines = out.stdout.splitlines()
+    at = lines.index("| prompt_style | T_eval | T_eff | pass@1 |")
+    assert lines[at + 1] == "| --- | --- | --- | --- |"
+    assert lines[at + 2:at + 5] == [f"| None | {r['temperature']:g} | {1.5 * r['temperature']:g} | {r['pass@1']:.4f} |"
+                                    for r in summary["results"]]
+    assert len({r["pass@1"] for r in summary["results"]}) == 3  # the rows are told apart
+    picture = tmp_path / "out" / "temperature_sweep.png"
+    assert lines[at + 5] == f"plot in {picture}" and lines[-1] == f"results in {tmp_path / 'out'}"
+    import matplotlib.image
+    height, width, _ = matplotlib.image.imread(picture).shape
+    assert (width, height) == (600, 480)
+
+
+def test_temperature_sweep_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    assert ev.main(["--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(sweep_samples(tmp_path)),
+                    "--output_dir", str(tmp_path / "out"), "--workers", "1", "--timeout", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| prompt_style | T_eval | pass@1 |" in lines  # T_train unknown: no T_eff
+    assert "matplotlib is not installed: no temperature_sweep.png (pip install matplotlib to get it)" in lines
+    assert not (tmp_path / "out" / "temperature_sweep.png").exists()
+
+
+def test_train_temperature_from_ssd_config(tmp_path):
+    (tmp_path / "ssd_config.json").write_text(json.dumps({"temperature": 1.6, "top_k": 20}))
+    args = ev.parse_args(["--model_name_or_path", str(tmp_path)])
+    assert ev.train_temperature(args, [{"train_temperature": 0.5}]) == 1.6
+    assert ev.train_temperature(ev.parse_args(["--model_name_or_path", str(tmp_path), "--train_temperature", "2"]),
+                                []) == 2.0
+    assert ev.train_temperature(ev.parse_args([]), [{"train_temperature": 1.1}, {}]) is None  # mixed: unknown
+
+
+def test_sweep_plot_has_a_panel_per_prompt_style(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    results = [{"prompt_style": s, "temperature": t, "pass@1": t / 2} for s in ("livecodebench", "ml-ssd")
+               for t in (0.5, 1.0)]
+    assert ev.plot_sweep(results, None, str(tmp_path / "p.png"))
+    assert matplotlib.image.imread(tmp_path / "p.png").shape[:2] == (480, 1200)
