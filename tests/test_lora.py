@@ -152,9 +152,9 @@ def lora_argv(tiny_model_dir, prompts_path, out, records, **flags) -> list:
 
 def test_adapter_loads_in_peft_and_merged_output_equals_it(tiny_model_dir, prompts_path, tmp_path):
     from transformers import AutoModelForCausalLM
-    records = make_records(8)
-    ssd.main(lora_argv(tiny_model_dir, prompts_path, tmp_path / "adapter", records))
-    ssd.main(lora_argv(tiny_model_dir, prompts_path, tmp_path / "merged", records, merge_lora=True))
+    records, flags = make_records(8), dict(max_steps=16, per_device_train_batch_size=4, warmup_steps=2)
+    ssd.main(lora_argv(tiny_model_dir, prompts_path, tmp_path / "adapter", records, **flags))
+    ssd.main(lora_argv(tiny_model_dir, prompts_path, tmp_path / "merged", records, merge_lora=True, **flags))
     out = tmp_path / "adapter"
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
     assert (out / "tokenizer.json").is_file() and not (out / "train_state").exists()
@@ -162,7 +162,8 @@ def test_adapter_loads_in_peft_and_merged_output_equals_it(tiny_model_dir, promp
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
     assert config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     assert sorted(config["target_modules"]) == sorted(ssd.LORA_TARGETS)
-    assert len(metrics(out)) == 4 and all(math.isfinite(m["loss"]) for m in metrics(out))
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 16 and sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses  # it learns
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     loaded = peft.PeftModel.from_pretrained(base, out).eval()
@@ -245,3 +246,46 @@ def test_fsdp_two_ranks_match_one(tiny_model_dir, prompts_path, tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_cuda_layout_on_cpu(tiny_model_dir):
+    """The layout --bf16 gives on CUDA, run on CPU: frozen weights stored in bf16, adapters in fp32, FSDP2 gathering
+    bf16 and reducing fp32. Only the adapters get gradients (fp32), and the loss is the fp32 one to bf16 accuracy."""
+    cfg = ssd.Config(**LORA, bf16=True)
+    cuda = torch.device("cuda")  # apply_lora and shard_model look only at the device's type; memory stays on CPU
+    ssd.init_distributed()
+    try:
+        model, _ = ssd.load_model(str(tiny_model_dir), "cpu", torch.float32,
+                                  shard=lambda m: ssd.shard_model(ssd.apply_lora(m, cfg, cuda), cfg, cuda))
+        ssd.init_lora_(model, 0)
+        assert {(p.dtype, p.requires_grad) for p in model.parameters()} == {(torch.bfloat16, False),
+                                                                            (torch.float32, True)}
+        model.train()
+        model.checkpointing = True
+        inputs, positions, targets, docs = ssd.pack(tiny_seqs(seed=4, n=2), "cpu")
+        loss = model(inputs, positions, docs, targets=targets)
+        loss.backward()
+        assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+        assert {p.grad.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        assert any(p.grad.to_local().abs().max() > 0 for n, p in model.named_parameters() if n.endswith("lora_B"))
+    finally:
+        torch.distributed.destroy_process_group()
+    reference, _ = ssd.load_model(str(tiny_model_dir), "cpu", torch.float32)  # B = 0: the base model's loss
+    torch.testing.assert_close(loss, reference(inputs, positions, docs, targets=targets), rtol=2e-2, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_adapter_loads_in_peft(tiny_model_dir, prompts_path, tmp_path):
+    """On CUDA (bf16 frozen weights, fp32 adapters, flash varlen attention): a LoRA run trains, and PEFT on the fp32
+    base computes what our loader computes from the adapter directory, to bf16 accuracy."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    ssd.main(lora_argv(tiny_model_dir, prompts_path, out, make_records(8), max_steps=16, per_device_train_batch_size=4,
+                       warmup_steps=2))
+    losses = [m["loss"] for m in metrics(out)]
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    want = logits_of(peft.PeftModel.from_pretrained(base, out).eval(), IDS)
+    ours, _ = ssd.load_model(str(out), "cuda", torch.float32)
+    got = logits_of(ours, IDS.cuda()).cpu()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
