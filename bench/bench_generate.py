@@ -303,7 +303,10 @@ def main():
     parser.add_argument("--prompts", type=int, default=64, help="longtail: number of prompts")
     parser.add_argument("--mean_new_tokens", type=float, default=170, help="longtail: mean of the geometric lengths")
     parser.add_argument("--cache_tokens", type=int, default=4096, help="longtail: the KV pool of the preempting run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     longtail = args.workload == "longtail"
     args.new_tokens = args.new_tokens or (768 if longtail else 256)
     args.batch = args.batch or (16 if longtail else 8)
