@@ -14,15 +14,35 @@ On CUDA, a Qwen3-4B-shaped model (random bf16 weights built on the meta device, 
 at batch 1 and 64. Decode tokens/s = batch x (new_tokens - 1) / (time(new_tokens) - time(1 new token)), so prefill
 is left out. The floor is memory bandwidth: each decode step must read every weight once plus the KV cache of every
 row up to the current length, so a step takes at least (weight bytes + mean KV bytes per step) / --peak_bandwidth.
+
+--workload longtail (CPU or CUDA): continuous batching against static batches on long-tailed completion lengths.
+    python bench/bench_generate.py --workload longtail --repeats 2     # 64 prompts, batch 16, ~10 minutes on 2 cores
+Completion lengths are drawn once per prompt (seed 0) from a geometric distribution with mean --mean_new_tokens,
+capped at --new_tokens (768): most completions are short and a few run long, as sampled code is. Both generators stop
+each prompt at its drawn length through their own end-token path: the end token (the last id) is masked out of every
+step's logits except at that prompt's drawn length, where it is the only token left (ours: ssd.sample_next_token
+wrapped, the first token included; transformers: a LogitsProcessor). A prompt whose length is the cap ends by the cap.
+So both do the same useful work, asserted token for token in count. The wide model samples at T 1.0, top-k 20,
+top-p 0.8. transformers runs `generate` with a static cache (`cache_implementation="static"`, its preallocated cache
+for --new_tokens) on consecutive fixed batches of --batch prompts in prompt order: a batch decodes until its longest
+row ends, its finished rows still computing. Ours is one `ssd.generate` over all prompts with `batch_size=--batch`,
+refilling rows as they end; a third run gives it a KV pool of --cache_tokens tokens, too small for every row's
+length, so it preempts. Reported: tokens/s (new tokens / wall seconds, prefill included), decode steps against the
+ideal (tokens / batch: every step with every row doing useful work), mean rows resident per step, ms per row-step
+(seconds / sum over steps of the rows computed, prefill included) and the ratio of tokens/s. Repeats interleave the
+three runs; the table gives the median of each.
 """
 
 import argparse
 import datetime
+import math
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -165,18 +185,144 @@ def bench_4b(args, device) -> list:
     return rows
 
 
+
+def longtail_lengths(n: int, mean: float, cap: int) -> list:
+    """n completion lengths (seed 0): geometric with mean `mean` (P(end) = 1 / mean at every token), capped at `cap`."""
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (torch.log1p(-u) / math.log1p(-1 / mean)).ceil().clamp(1, cap).long().tolist()
+
+
+def forced_end_sampler(prompts, lengths, cap: int, end: int, device):
+    """ssd.sample_next_token with the end token kept for each sequence's drawn length: masked everywhere else, and the
+    draw replaced by it at position len(prompt) + length - 1 (seq id i is prompt i). A capped row ends by the cap."""
+    real = ssd.sample_next_token
+    ends = torch.tensor([len(p) + k - 1 if k < cap else -1 for p, k in zip(prompts, lengths)], device=device)
+
+    def draw(logits, *, seq_ids, positions, **settings):
+        logits[:, end] = float("-inf")
+        token = real(logits, seq_ids=seq_ids, positions=positions, **settings)
+        return torch.where(positions == ends[seq_ids], end, token)
+    return draw
+
+
+def ours_longtail(model, prompts, lengths, args, cache_tokens: int = 0) -> dict:
+    end, stats = model.config.vocab_size - 1, {}
+    draw = forced_end_sampler(prompts, lengths, args.new_tokens, end, model.head_weight().device)
+    with mock.patch.object(ssd, "sample_next_token", draw):
+        out = ssd.generate(model, prompts, max_new_tokens=args.new_tokens, batch_size=args.batch, eos_token_ids=[end],
+                           cache_tokens=cache_tokens, progress=False, seed=0, stats=stats, **SAMPLING)
+    assert [len(row[0].tokens) for row in out] == lengths, "ours did not stop at the drawn lengths"
+    return dict(seconds=stats["seconds"], tokens=stats["tokens"], steps=stats["decode_steps"], rows=stats["rows"],
+                row_steps=stats["rows"] * stats["decode_steps"], preemptions=stats["preemptions"])
+
+
+@torch.no_grad()
+def hf_longtail(model, prompts, lengths, args, device) -> dict:
+    """transformers' generate with a static cache, on consecutive batches of --batch prompts in prompt order."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+    end = model.config.vocab_size - 1
+
+    class ForcedEnd(LogitsProcessor):  # the same rule as forced_end_sampler, by row of the batch
+        def __init__(self, width, ends):
+            self.width, self.ends = width, torch.tensor(ends, device=device)
+
+        def __call__(self, input_ids, scores):
+            scores[:, end] = float("-inf")
+            hit = self.ends == input_ids.shape[1] - self.width  # index of the token being drawn
+            scores[hit] = float("-inf")
+            scores[hit, end] = 0.0
+            return scores
+    t0, steps, row_steps, tokens = time.perf_counter(), 0, 0, 0
+    for b in range(0, len(prompts), args.batch):
+        batch, want = prompts[b:b + args.batch], lengths[b:b + args.batch]
+        width = max(map(len, batch))
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for r, p in enumerate(batch):  # left padding, as transformers' batched generate needs
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ends = [k - 1 if k < args.new_tokens else -1 for k in want]
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=args.new_tokens,
+                             do_sample=True, **SAMPLING, eos_token_id=end, pad_token_id=0,
+                             cache_implementation="static", logits_processor=LogitsProcessorList([ForcedEnd(width,
+                                                                                                             ends)]))
+        new = out[:, width:].cpu()
+        got = [int((row == end).nonzero()[0]) + 1 if (row == end).any() else len(row) for row in new]
+        assert got == want, "transformers did not stop at the drawn lengths"
+        steps, row_steps, tokens = steps + new.shape[1], row_steps + new.numel(), tokens + sum(got)
+    sync(device)
+    return dict(seconds=time.perf_counter() - t0, tokens=tokens, steps=steps, rows=row_steps / steps,
+                row_steps=row_steps, preemptions=0)
+
+
+def bench_longtail(args, device) -> list:
+    """Ours (default pool), ours with a pool that forces preemption, transformers' static batches: interleaved
+    repeats, the median of each; one table row each."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hf, ours = small_models(SHAPES["wide"], device, dtype)
+    prompts = random_prompts(args.prompts, SHAPES["wide"]["vocab_size"] - 1)  # ids below the end token
+    lengths = longtail_lengths(args.prompts, args.mean_new_tokens, args.new_tokens)
+    print(f"{args.prompts} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens; completion lengths "
+          f"mean {statistics.mean(lengths):.0f}, median {statistics.median(lengths):.0f}, max {max(lengths)}, "
+          f"{sum(k == args.new_tokens for k in lengths)} at the cap {args.new_tokens}\n")
+    runs = {"ours": lambda: ours_longtail(ours, prompts, lengths, args),
+            f"ours, {args.cache_tokens:,}-token pool": lambda: ours_longtail(ours, prompts, lengths, args,
+                                                                             args.cache_tokens),
+            "transformers, static batches": lambda: hf_longtail(hf, prompts, lengths, args, device)}
+    warm = max(1, args.batch)  # warm-up: one batch of short completions through each generator
+    ours_longtail(ours, prompts[:warm], [min(k, 8) for k in lengths[:warm]], args)
+    hf_longtail(hf, prompts[:warm], [min(k, 8) for k in lengths[:warm]], args, device)
+    results = {name: [] for name in runs}
+    for r in range(args.repeats):
+        for name, fn in runs.items():
+            results[name].append(fn())
+            res = results[name][-1]
+            print(f"repeat {r + 1}: {name}: {res['seconds']:.1f} s, {res['steps']} steps, "
+                  f"{res['preemptions']} preemptions", flush=True)
+    assert len({res["tokens"] for rs in results.values() for res in rs}) == 1, "the generators did different work"
+    med = {name: {k: statistics.median(res[k] for res in rs) for k in rs[0]} for name, rs in results.items()}
+    hf_rate = med["transformers, static batches"]["tokens"] / med["transformers, static batches"]["seconds"]
+    rows = []
+    for name, m in med.items():
+        rate, ideal = m["tokens"] / m["seconds"], m["tokens"] / args.batch
+        rows.append(f"| {name} | {m['tokens']:,.0f} | {m['seconds']:.1f} | {rate:,.0f} | {m['steps']:,.0f} | "
+                    f"{ideal:,.0f} | {m['steps'] / ideal:.2f} | {m['rows']:.1f} | {m['preemptions']:.0f} | "
+                    f"{1e3 * m['seconds'] / m['row_steps']:.2f} | {rate / hf_rate:.2f}x |")
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--new_tokens", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--workload", choices=("fixed", "longtail"), default="fixed")
+    parser.add_argument("--new_tokens", type=int, default=None, help="fixed: new tokens per row (256); longtail: "
+                        "the length cap (768)")
+    parser.add_argument("--batch", type=int, default=None, help="rows decoded together (fixed: 8, longtail: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
     parser.add_argument("--peak_bandwidth", type=float, default=3.35e12, help="bytes/s; H100 SXM HBM3 by default")
+    parser.add_argument("--prompts", type=int, default=64, help="longtail: number of prompts")
+    parser.add_argument("--mean_new_tokens", type=float, default=170, help="longtail: mean of the geometric lengths")
+    parser.add_argument("--cache_tokens", type=int, default=4096, help="longtail: the KV pool of the preempting run")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    longtail = args.workload == "longtail"
+    args.new_tokens = args.new_tokens or (768 if longtail else 256)
+    args.batch = args.batch or (16 if longtail else 8)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    load = f" | load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     print(f"# ssd.generate vs transformers.generate\n\n{datetime.date.today()} | {name} | torch {torch.__version__} | "
-          f"{torch.get_num_threads()} threads | `python {' '.join(sys.argv)}`\n")
+          f"{torch.get_num_threads()} threads{load} | `python {' '.join(sys.argv)}`\n")
+    if longtail:
+        rows = bench_longtail(args, device)
+        print(f"\nload after: {os.getloadavg()[0]:.2f}\n")
+        print(f"| engine (batch {args.batch}, cap {args.new_tokens}) | new tokens | s | tok/s | decode steps | ideal "
+              "(tokens / batch) | steps / ideal | mean rows resident | preemptions | ms per row-step | vs HF |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return
     print("| model | device | dtype | decoding | batch | new tokens | ours tok/s | transformers tok/s | ours / HF |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in bench_small(args, device):
