@@ -232,8 +232,8 @@ def model_config_from_hf(hf: dict, generation_config: dict | None = None, eos_to
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Rotary inverse frequencies, with Llama-3's long-context rescaling when the config asks for it."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    d = cfg.head_dim  # on the CPU even under the meta device, where division would import torch._dynamo (see Decoder)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     if cfg.rope_scaling is None:
         return inv_freq
     s = cfg.rope_scaling
@@ -474,7 +474,11 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # On the meta device (load_model) the table skips nn.Embedding's random init: there normal_, like division,
+        # runs torch's Python reference, which imports torch._dynamo (~150 MiB, ~1.5 s per process).
+        meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size) if meta else None)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -486,7 +490,7 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg)
         # A tied head reads the embedding matrix itself (checkpoints of tied models have no lm_head.weight).
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
         self.checkpointing = False  # training: recompute each block's activations in the backward pass
 
     def head_weight(self) -> torch.Tensor:
