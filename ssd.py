@@ -1209,10 +1209,7 @@ def load_prompts(cfg: Config) -> list:
         if not rows or not all(isinstance(r, dict) for r in rows):
             raise SSDError(f"cannot read --dataset_path {path}: is it empty or malformed (one JSON object a line)?")
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        if cfg.prompt_column not in columns:
-            raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {columns}; "
-                           "pass --prompt_column")
-        return check_prompts([r.get(cfg.prompt_column) for r in rows][: cfg.max_prompts or None], cfg)
+        return check_prompts(columns, lambda: [r.get(cfg.prompt_column) for r in rows], cfg)
     import datasets
     datasets.disable_progress_bars()
     if cfg.dataset_path:
@@ -1235,15 +1232,17 @@ def load_prompts(cfg: Config) -> list:
             raise SSDError(f"cannot load dataset {cfg.dataset_name!r} (config {cfg.dataset_config!r}, split "
                            f"{cfg.dataset_split!r}): {type(e).__name__}; check the names and the network, or "
                            "pass a local file with --dataset_path") from None
-    if cfg.prompt_column not in ds.column_names:
-        raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {ds.column_names}; "
+    return check_prompts(ds.column_names, lambda: ds[cfg.prompt_column], cfg)
+
+
+def check_prompts(columns: list, read_column, cfg: Config) -> list:
+    """The first --max_prompts of the prompt column, read by read_column(), empty prompts as None; refused when the
+    column is missing or holds no prompt."""
+    if cfg.prompt_column not in columns:
+        raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {columns}; "
                        "pass --prompt_column")
-    return check_prompts(ds[cfg.prompt_column][: cfg.max_prompts or None], cfg)
-
-
-def check_prompts(prompts: list, cfg: Config) -> list:
-    """Empty prompts as None; refused when none is left."""
-    prompts = [p if isinstance(p, str) and p.strip() or isinstance(p, list) and p else None for p in prompts]
+    prompts = [p if isinstance(p, str) and p.strip() or isinstance(p, list) and p else None
+               for p in read_column()[: cfg.max_prompts or None]]
     if not any(prompts):
         raise SSDError(f"no non-empty prompt in column {cfg.prompt_column!r} ({len(prompts)} rows); "
                        "check --dataset_path/--dataset_name and --prompt_column")
@@ -1750,11 +1749,17 @@ def check_config(cfg: Config):
          "lengths, counts, batch sizes and step intervals must be positive"),
         (cfg.max_steps > 0 or cfg.num_train_epochs > 0, "set --max_steps > 0 or --num_train_epochs > 0"),
         (cfg.dist_timeout > 0, "--dist_timeout must be a positive number of minutes"),
+        (cfg.lora_r >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
+         "--lora_r must be >= 0 (0 = off), --lora_alpha > 0 and --lora_dropout in [0, 1)"),
+        (cfg.lora_r or not cfg.merge_lora, "--merge_lora merges a LoRA adapter: set --lora_r > 0 too"),
     ]
     for ok, message in checks:
         if not ok:
             raise SSDError(message)
-    check_lora(cfg)
+    if cfg.lora_r:  # whether the model takes the LoRA flags, built on the meta device, before anything is sampled
+        with torch.device("meta"):
+            apply_lora(Transformer(model_config_from_hf(json.loads(
+                (resolve_model_dir(cfg.model_name_or_path) / "config.json").read_text()))), cfg)
     try:
         check_sampling_args(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)  # the sampler's own rules, once
     except ValueError as e:
@@ -1764,18 +1769,6 @@ def check_config(cfg: Config):
             raise ValueError
     except ValueError:
         raise SSDError(f"--chat_template_kwargs must be a JSON object, got {cfg.chat_template_kwargs!r}") from None
-
-
-def check_lora(cfg: Config):
-    """The LoRA flags, and whether the model takes them (built on the meta device), before anything is sampled."""
-    if cfg.lora_r < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
-        raise SSDError("--lora_r must be >= 0 (0 = off), --lora_alpha > 0 and --lora_dropout in [0, 1)")
-    if cfg.merge_lora and not cfg.lora_r:
-        raise SSDError("--merge_lora merges a LoRA adapter: set --lora_r > 0 too")
-    if cfg.lora_r:
-        with torch.device("meta"):
-            apply_lora(Transformer(model_config_from_hf(json.loads(
-                (resolve_model_dir(cfg.model_name_or_path) / "config.json").read_text()))), cfg)
 
 
 def claim_output_dir(cfg: Config, rank: int):
