@@ -911,8 +911,7 @@ class Engine:
                            f"+ new tokens, in blocks of {block_size}); raise --cache_tokens or lower "
                            "--max_completion_length / --max_prompt_length")
         shape = (cfg.num_layers, cache_tokens // block_size + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
-        self.cache = PagedKV(torch.zeros(shape, device=w.device, dtype=w.dtype),
-                             torch.zeros(shape, device=w.device, dtype=w.dtype))
+        self.cache = PagedKV(*(torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in "kv"))
         self.pool, self.queue, self.running = BlockPool(shape[1]), deque(), []
         self.stats = dict(decode_steps=0, rows=0, peak_rows=0, preemptions=0, prefill_tokens=0, tokens=0)
         cache = self.cache  # not self: a cycle through the engine would keep the pool alive until gc runs
@@ -1536,14 +1535,6 @@ def peak_host_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def adamw_state(model: Transformer) -> tuple:
-    """(params, exp_avg, exp_avg_sq): the parameters the optimizer updates and AdamW's moments for them, zeroed."""
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates p.to_local()
-    exp_avg = [torch.zeros_like(p.to_local()) for p in params]
-    exp_avg_sq = [torch.zeros_like(p.to_local()) for p in params]
-    return params, exp_avg, exp_avg_sq
-
-
 def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, world: int, device, total: int) -> tuple:
     """(model, tokenizer, AdamW state, first step): the sharded fp32 model fresh from the checkpoint, or as the last
     training state left it, with that state's moments, step and RNG (each rank reads only its own slices)."""
@@ -1553,7 +1544,9 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
     init_lora_(model, cfg.seed)
     model.checkpointing = cfg.gradient_checkpointing
     model.train()
-    params, exp_avg, exp_avg_sq = opt = adamw_state(model)  # memory: the phase report's "train: load" line
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates p.to_local()
+    exp_avg, exp_avg_sq = ([torch.zeros_like(p.to_local()) for p in params] for _ in "mv")  # AdamW's moments
+    opt = params, exp_avg, exp_avg_sq
     if state is None:
         return model, tokenizer, opt, 0
     with torch.no_grad():
