@@ -1445,14 +1445,10 @@ def step_microbatches(lengths: list, step: int, cfg: Config, world: int) -> list
     max_tokens_per_microbatch (first-fit decreasing; a longer sequence gets a micro-batch of its own).
     """
     n, size = len(lengths), cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    perms = {}
-    batch = []
-    for k in range(step * size, (step + 1) * size):
-        epoch = k // n
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        batch.append(perms[epoch][k % n])
-    batch.sort(key=lambda i: (-lengths[i], i))
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + e)).tolist()
+             for e in range(step * size // n, ((step + 1) * size - 1) // n + 1)}  # the epochs this step reaches
+    batch = sorted((perms[k // n][k % n] for k in range(step * size, (step + 1) * size)),
+                   key=lambda i: (-lengths[i], i))
     plan = []
     for rank in range(world):
         micro, room = [], []
