@@ -232,8 +232,8 @@ def model_config_from_hf(hf: dict, generation_config: dict | None = None, eos_to
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Rotary inverse frequencies, with Llama-3's long-context rescaling when the config asks for it."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    d = cfg.head_dim  # on the CPU even under the meta device, where division would import torch._dynamo (see Decoder)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     if cfg.rope_scaling is None:
         return inv_freq
     s = cfg.rope_scaling
@@ -474,7 +474,11 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # On the meta device (load_model) the table skips nn.Embedding's random init: there normal_, like division,
+        # runs torch's Python reference, which imports torch._dynamo (~150 MiB, ~1.5 s per process).
+        meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size) if meta else None)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -486,7 +490,7 @@ class Transformer(nn.Module):
         self.model = Decoder(cfg)
         # A tied head reads the embedding matrix itself (checkpoints of tied models have no lm_head.weight).
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg).to(torch.get_default_device()), persistent=False)
         self.checkpointing = False  # training: recompute each block's activations in the backward pass
 
     def head_weight(self) -> torch.Tensor:
@@ -907,8 +911,7 @@ class Engine:
                            f"+ new tokens, in blocks of {block_size}); raise --cache_tokens or lower "
                            "--max_completion_length / --max_prompt_length")
         shape = (cfg.num_layers, cache_tokens // block_size + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
-        self.cache = PagedKV(torch.zeros(shape, device=w.device, dtype=w.dtype),
-                             torch.zeros(shape, device=w.device, dtype=w.dtype))
+        self.cache = PagedKV(*(torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in "kv"))
         self.pool, self.queue, self.running = BlockPool(shape[1]), deque(), []
         self.stats = dict(decode_steps=0, rows=0, peak_rows=0, preemptions=0, prefill_tokens=0, tokens=0)
         cache = self.cache  # not self: a cycle through the engine would keep the pool alive until gc runs
@@ -1205,10 +1208,7 @@ def load_prompts(cfg: Config) -> list:
         if not rows or not all(isinstance(r, dict) for r in rows):
             raise SSDError(f"cannot read --dataset_path {path}: is it empty or malformed (one JSON object a line)?")
         columns = list(dict.fromkeys(k for r in rows for k in r))
-        if cfg.prompt_column not in columns:
-            raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {columns}; "
-                           "pass --prompt_column")
-        return check_prompts([r.get(cfg.prompt_column) for r in rows][: cfg.max_prompts or None], cfg)
+        return check_prompts(columns, lambda: [r.get(cfg.prompt_column) for r in rows], cfg)
     import datasets
     datasets.disable_progress_bars()
     if cfg.dataset_path:
@@ -1231,15 +1231,17 @@ def load_prompts(cfg: Config) -> list:
             raise SSDError(f"cannot load dataset {cfg.dataset_name!r} (config {cfg.dataset_config!r}, split "
                            f"{cfg.dataset_split!r}): {type(e).__name__}; check the names and the network, or "
                            "pass a local file with --dataset_path") from None
-    if cfg.prompt_column not in ds.column_names:
-        raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {ds.column_names}; "
+    return check_prompts(ds.column_names, lambda: ds[cfg.prompt_column], cfg)
+
+
+def check_prompts(columns: list, read_column, cfg: Config) -> list:
+    """The first --max_prompts of the prompt column, read by read_column(), empty prompts as None; refused when the
+    column is missing or holds no prompt."""
+    if cfg.prompt_column not in columns:
+        raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {columns}; "
                        "pass --prompt_column")
-    return check_prompts(ds[cfg.prompt_column][: cfg.max_prompts or None], cfg)
-
-
-def check_prompts(prompts: list, cfg: Config) -> list:
-    """Empty prompts as None; refused when none is left."""
-    prompts = [p if isinstance(p, str) and p.strip() or isinstance(p, list) and p else None for p in prompts]
+    prompts = [p if isinstance(p, str) and p.strip() or isinstance(p, list) and p else None
+               for p in read_column()[: cfg.max_prompts or None]]
     if not any(prompts):
         raise SSDError(f"no non-empty prompt in column {cfg.prompt_column!r} ({len(prompts)} rows); "
                        "check --dataset_path/--dataset_name and --prompt_column")
@@ -1443,14 +1445,10 @@ def step_microbatches(lengths: list, step: int, cfg: Config, world: int) -> list
     max_tokens_per_microbatch (first-fit decreasing; a longer sequence gets a micro-batch of its own).
     """
     n, size = len(lengths), cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    perms = {}
-    batch = []
-    for k in range(step * size, (step + 1) * size):
-        epoch = k // n
-        if epoch not in perms:
-            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        batch.append(perms[epoch][k % n])
-    batch.sort(key=lambda i: (-lengths[i], i))
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + e)).tolist()
+             for e in range(step * size // n, ((step + 1) * size - 1) // n + 1)}  # the epochs this step reaches
+    batch = sorted((perms[k // n][k % n] for k in range(step * size, (step + 1) * size)),
+                   key=lambda i: (-lengths[i], i))
     plan = []
     for rank in range(world):
         micro, room = [], []
@@ -1533,14 +1531,6 @@ def peak_host_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def adamw_state(model: Transformer) -> tuple:
-    """(params, exp_avg, exp_avg_sq): the parameters the optimizer updates and AdamW's moments for them, zeroed."""
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates p.to_local()
-    exp_avg = [torch.zeros_like(p.to_local()) for p in params]
-    exp_avg_sq = [torch.zeros_like(p.to_local()) for p in params]
-    return params, exp_avg, exp_avg_sq
-
-
 def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, world: int, device, total: int) -> tuple:
     """(model, tokenizer, AdamW state, first step): the sharded fp32 model fresh from the checkpoint, or as the last
     training state left it, with that state's moments, step and RNG (each rank reads only its own slices)."""
@@ -1550,7 +1540,9 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
     init_lora_(model, cfg.seed)
     model.checkpointing = cfg.gradient_checkpointing
     model.train()
-    params, exp_avg, exp_avg_sq = opt = adamw_state(model)  # memory: the phase report's "train: load" line
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates p.to_local()
+    exp_avg, exp_avg_sq = ([torch.zeros_like(p.to_local()) for p in params] for _ in "mv")  # AdamW's moments
+    opt = params, exp_avg, exp_avg_sq
     if state is None:
         return model, tokenizer, opt, 0
     with torch.no_grad():
@@ -1746,11 +1738,17 @@ def check_config(cfg: Config):
          "lengths, counts, batch sizes and step intervals must be positive"),
         (cfg.max_steps > 0 or cfg.num_train_epochs > 0, "set --max_steps > 0 or --num_train_epochs > 0"),
         (cfg.dist_timeout > 0, "--dist_timeout must be a positive number of minutes"),
+        (cfg.lora_r >= 0 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
+         "--lora_r must be >= 0 (0 = off), --lora_alpha > 0 and --lora_dropout in [0, 1)"),
+        (cfg.lora_r or not cfg.merge_lora, "--merge_lora merges a LoRA adapter: set --lora_r > 0 too"),
     ]
     for ok, message in checks:
         if not ok:
             raise SSDError(message)
-    check_lora(cfg)
+    if cfg.lora_r:  # whether the model takes the LoRA flags, built on the meta device, before anything is sampled
+        with torch.device("meta"):
+            apply_lora(Transformer(model_config_from_hf(json.loads(
+                (resolve_model_dir(cfg.model_name_or_path) / "config.json").read_text()))), cfg)
     try:
         check_sampling_args(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p)  # the sampler's own rules, once
     except ValueError as e:
@@ -1760,18 +1758,6 @@ def check_config(cfg: Config):
             raise ValueError
     except ValueError:
         raise SSDError(f"--chat_template_kwargs must be a JSON object, got {cfg.chat_template_kwargs!r}") from None
-
-
-def check_lora(cfg: Config):
-    """The LoRA flags, and whether the model takes them (built on the meta device), before anything is sampled."""
-    if cfg.lora_r < 0 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
-        raise SSDError("--lora_r must be >= 0 (0 = off), --lora_alpha > 0 and --lora_dropout in [0, 1)")
-    if cfg.merge_lora and not cfg.lora_r:
-        raise SSDError("--merge_lora merges a LoRA adapter: set --lora_r > 0 too")
-    if cfg.lora_r:
-        with torch.device("meta"):
-            apply_lora(Transformer(model_config_from_hf(json.loads(
-                (resolve_model_dir(cfg.model_name_or_path) / "config.json").read_text()))), cfg)
 
 
 def claim_output_dir(cfg: Config, rank: int):

@@ -6,8 +6,11 @@ Run with `pytest -s` to see the largest logits difference per family.
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -176,6 +179,22 @@ def test_load_builds_real_tensors(tmp_path):
         assert not model.training
     torch.testing.assert_close(model.model.embed_tokens.weight.float(),
                                hf.model.embed_tokens.weight.to(torch.bfloat16).float(), atol=0, rtol=0)
+
+
+def test_load_does_not_import_dynamo(tiny_model_dir):
+    """Building on the meta device must stay off torch's Python references (nn.Embedding's normal_, division), which
+    import torch._dynamo: ~150 MiB and over a second per process. A fresh interpreter, so other tests' imports can't
+    mask it; a plain Transformer on the CPU still gets a random embedding table."""
+    dirs = [str(tiny_model_dir), str(tiny_model_dir) + "-moe"]
+    code = ("import sys, torch, ssd\n"
+            f"for d in {dirs!r}: ssd.load_model(d, 'cpu', torch.float32)\n"
+            "cfg = ssd.model_config_from_hf(dict(model_type='qwen3', vocab_size=64, hidden_size=16, "
+            "intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8))\n"
+            "assert ssd.Transformer(cfg).model.embed_tokens.weight.std() > 0.5\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(ssd.__file__).parent)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
 
 
 def test_model_config_fields(tiny_model_dir):
