@@ -693,6 +693,9 @@ def save_model(model: Transformer, tokenizer, out_dir, state_dict=None, max_shar
 def merge_lora_(weights: dict, adapter: dict, scale: float):
     """Add scale * B @ A into each adapted weight in place (in fp32, rounded once to the weight's dtype). `weights`
     maps our parameter names to tensors or FSDP shards (which take their rows of B); `adapter` has PEFT's keys."""
+    if unused := [k for k in adapter if not k.endswith((".lora_A.weight", ".lora_B.weight"))]:
+        raise SSDError(f"the adapter has weights other than LoRA A/B matrices ({unused[0]}, ...): biases or "
+                       "embedding adapters are not supported; merge it with peft's merge_and_unload instead")
     for key, a in adapter.items():
         if key.endswith(".lora_A.weight"):
             name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
@@ -1120,7 +1123,7 @@ def check_graphs(device):
         model.model.embed_tokens.weight.data.mul_(0.2)  # tied head: logits spread enough for the draws to vary
         prompts = [torch.randint(0, 256, (n,)).tolist() for n in (3, 17, 40, 9, 25, 1, 33)]
     kw = dict(max_new_tokens=20, num_samples=2, temperature=1.0, seed=1, batch_size=5, block_size=16,
-              eos_token_ids=list(range(24)), progress=False)
+              cache_tokens=10 * 16, eos_token_ids=list(range(24)), progress=False)  # small: it preempts too
     agree("cuda_graphs", lambda: [torch.tensor(c.tokens) for cs in generate(model, prompts, **kw) for c in cs], 0)
 
 
@@ -1170,7 +1173,15 @@ def self_test(device, enabled: dict, model_path: str = "", sampling=()) -> dict:
                 check()
                 status[name] = "ok"
             except Exception as e:
+                if device.type == "cuda":  # a kernel that faulted leaves the context broken: stop, don't fall back
+                    try:
+                        torch.cuda.synchronize(device)
+                    except Exception:
+                        raise SSDError(f"fast path {name} broke the CUDA context in its self-test ({e}); rerun with "
+                                       f"--no-{name}") from None
                 fall_back(name, e, "its self-test")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # give back what the checks took: the KV pool is sized from the free memory
     if dist.is_initialized() and dist.get_world_size() > 1:
         on = torch.tensor([FAST_PATHS[n] for n in checks], dtype=torch.int32, device=device)
         dist.all_reduce(on, op=dist.ReduceOp.MIN)
@@ -1356,7 +1367,7 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
         for w in range(world):
             (work / f"samples-part{w}-of-{world}.jsonl").unlink()
         report_samples(records, sum(p is None for p in prompts))
-    barrier()
+    barrier(long_wait=True)  # rank 0 merges and filters every rank's samples
 
 
 def training_sequences(path: Path) -> tuple:
@@ -1537,7 +1548,8 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
     state = load_state(state_dir, rank, world)
     model, tokenizer = load_model(model_path, device, torch.float32, fill=state is None or cfg.lora_r > 0,
                                   shard=lambda m: shard_model(apply_lora(m, cfg, device), cfg, device))
-    init_lora_(model, cfg.seed)
+    if cfg.lora_r:
+        init_lora_(model, cfg.seed)
     model.checkpointing = cfg.gradient_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates p.to_local()
@@ -1550,6 +1562,8 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
                             state["params"] + state["exp_avg"] + state["exp_avg_sq"]):
             dst.copy_(src)
     torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state:  # LoRA dropout on CUDA draws from the device's generator
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     print(f"[rank {rank}] resuming training at step {state['step']} of {total}")
     return model, tokenizer, opt, state["step"]
 
@@ -1596,7 +1610,8 @@ def log_metrics(path: Path, row: dict, model: Transformer, lengths: list, second
         # 6N per token (4N for frozen weights, which get no weight gradients: LoRA), plus attention's 12 L H Q T
         # per token of a sequence of T tokens: sum of T^2
         attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * sum(n ** 2 for n in lengths)
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trained = n_params if all(p.requires_grad for p in model.parameters()) else sum(  # LoRA: the adapters
+            p.numel() for p in model.parameters() if p.requires_grad)
         if peak:
             row["mfu"] = ((4 * n_params + 2 * trained) * sum(lengths) + attn) / seconds / (peak * world)
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -1609,8 +1624,10 @@ def save_trained(model: Transformer, tokenizer, work: Path, rank: int, cfg: Conf
     adapters in fp32) and save them to `work`: the model, or with --lora_r the PEFT adapter (merged: --merge_lora)."""
     hf = model.config.hf_config
     dtype = getattr(torch, hf.get("torch_dtype") or hf.get("dtype") or "float32")
-    full = {}
+    full, adapter_only = {}, cfg.lora_r and not cfg.merge_lora and work == Path(cfg.output_dir)  # as save_lora
     for name, p in model.named_parameters():
+        if adapter_only and ".lora_" not in name:
+            continue  # the same on every rank: no collective is skipped by some only
         gathered = p.full_tensor()
         if rank == 0:
             full[name] = gathered.to(device="cpu", dtype=torch.float32 if ".lora_" in name else dtype)
@@ -1648,6 +1665,7 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
             log_metrics(metrics_path, row, model, [lengths[i] for i in step_seqs], seconds, world, device)
         if (step + 1) % cfg.save_steps == 0 and step + 1 < total:
             save_state(state_dir, {"step": step + 1, "world": world, "rng": torch.get_rng_state(),
+                                   **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                                    "params": [p.to_local().detach().clone() for p in opt[0]], "exp_avg": opt[1],
                                    "exp_avg_sq": opt[2]}, rank)
     bar.close()
@@ -1659,7 +1677,7 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
     gc.collect()  # FSDP's hooks keep the model in reference cycles: free it before another round samples
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    barrier()
+    barrier(long_wait=True)  # rank 0 writes the checkpoint (60 GB for a 30B model)
 
 
 # ---------------------------------------------------------------- main ------------------------------------------------
@@ -1802,7 +1820,7 @@ def run(cfg: Config):
     except BaseException as e:
         if world == 1:  # with peers, just exit: torchrun stops them, while tearing the group down could hang on them
             dist.destroy_process_group()
-        elif isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and ("gloo" in str(e) or "NCCL" in str(e)):
+        elif isinstance(e, dist.DistError) or type(e) is RuntimeError and ("gloo" in str(e) or "NCCL" in str(e)):
             raise SSDError(f"rank {rank} of {world}: a collective failed or timed out (--dist_timeout "
                            f"{cfg.dist_timeout} min): {str(e).strip().splitlines()[0][:300]}; another rank died or "
                            "hangs (see its log); rerun the same command to resume from the last saved state") from None
