@@ -166,3 +166,24 @@ def test_failed_uid_setup_is_refused_and_the_opt_in_runs_and_is_recorded(tmp_pat
     (line,) = [ln for ln in printed.out.splitlines() if ln.startswith("sandbox: namespaces: ")]
     assert line.endswith(" --allow_weak_sandbox") and "OFF sandbox_uid" in line and "forced" in line
     assert "warning: --allow_weak_sandbox: programs run as root without a sandbox uid" in printed.err
+
+
+def test_uid_alone_is_refused_while_the_files_to_hide_are_readable_by_others():
+    """Where the kernel refuses namespaces (plain docker as root) a sandbox uid alone is the best setup, but nothing
+    then hides the problem files: refused while another user can reach them, accepted once they are closed."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:  # /tmp is searchable by all; pytest's tmp_path is not
+        os.chmod(top, 0o755)
+        (shown := Path(top) / "problems").mkdir(mode=0o755)
+        check_uid_alone(Path(top), shown)
+
+
+def check_uid_alone(tmp_path: Path, shown: Path):
+    assert ev.readable_by_others([str(shown), str(tmp_path / "absent")]) == [str(shown)]
+    record = {"setup": "uid", "failed": {"uid + namespaces": "EPERM"}, "namespaces_refused": "unshare: EPERM",
+              "protections": {}, "readable_by_others": ev.readable_by_others([str(shown)])}
+    with pytest.raises(ev.EvalError) as refusal:
+        ev.check_sandbox(dict(record), allow_weak=False)
+    assert "\n" not in str(refusal.value) and f"namespaces to hide {shown}" in str(refusal.value)
+    os.chmod(shown, 0o750)
+    closed = ev.check_sandbox(dict(record, readable_by_others=ev.readable_by_others([str(shown)])), allow_weak=False)
+    assert closed["weaker_than_allowed"] == []
