@@ -963,6 +963,10 @@ def main(argv=None) -> int:
         print(f"plot in {picture}" if plot_sweep(swept, summary["train_temperature"], picture) else
               "matplotlib is not installed: no temperature_sweep.png (pip install matplotlib to get it)")
     print(f"results in {args.output_dir}")
+    if all(r["verdict"] == "error" for r in records):  # no program was graded: a broken harness, not a 0% model
+        print(f"error: no sample could be graded (first: {records[0]['tests'][0].get('detail', '?').strip()[-300:]!r}"
+              f"); see {args.output_dir}/samples.jsonl", file=sys.stderr)
+        return 1
     return 0
 
 if __name__ == "__main__":

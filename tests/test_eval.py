@@ -601,3 +601,18 @@ def test_sweep_plot_has_a_panel_per_prompt_style(tmp_path):
                for t in (0.5, 1.0)]
     assert ev.plot_sweep(results, None, str(tmp_path / "p.png"))
     assert matplotlib.image.imread(tmp_path / "p.png").shape[:2] == (480, 1200)
+
+
+def test_a_run_where_no_sample_could_be_graded_fails(tmp_path, monkeypatch, capsys):
+    """Workers that cannot start (no free sandbox uid, say) give every sample an error verdict: that is a broken
+    harness, not a model at 0%, so the run says so and exits 1, after keeping what it graded."""
+    def broken(problems, records, *args, sandbox=None, **kwargs):
+        for r in records:
+            r.update(program=None, verdict="error", tests=[{"verdict": "error", "detail": "SandboxError: no free uid"}])
+        return sandbox
+    monkeypatch.setattr(ev, "grade", broken)
+    assert ev.main(["--problems", str(FIXTURES / "lcb_mini.jsonl"), "--samples", str(FIXTURES / "lcb_samples.jsonl"),
+                    "--output_dir", str(tmp_path), "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no sample could be graded") and "no free uid" in err
+    assert json.loads((tmp_path / "summary.json").read_text())["results"][0]["verdicts"] == {"error": 10}
