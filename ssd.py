@@ -270,17 +270,20 @@ class PagedKV:
     """The paged KV cache: one pool of fixed-size blocks holding every layer's keys and values, shared by all sequences.
 
     Sequence s keeps its token t at block table_s[t // block_size], offset t % block_size. A forward writes the keys and
-    values of its new tokens at (`blocks`, `offsets`), one entry per token. A prefill (`tables` is None) runs whole
-    right-padded sequences through causal attention, `valid` marking their real tokens; a decode brings one token per
-    row and attends over the row's blocks `tables` (B, W) up to its length `lens` (B,).
+    values of its new tokens at (`blocks`, `offsets`), one entry per token. A prefill (`docs` set) runs whole sequences
+    packed end to end in one row, as training does; a decode brings one token per row and attends over the row's
+    blocks `tables` (B, W) up to its length `lens` (B,). Without the paged kernel (CPU), a decode window first copies
+    each row's blocks once into `rows`, contiguous (keys, values) of (layers, B, kv_heads, tokens, head_dim), and its
+    steps attend over that copy, writing their new keys into both.
     """
     k: torch.Tensor  # (layers, blocks, kv_heads, block_size, head_dim)
     v: torch.Tensor
     blocks: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
+    docs: "Documents | None" = None
     tables: torch.Tensor | None = None
     lens: torch.Tensor | None = None
+    rows: tuple | None = None
 
 
 @dataclass
@@ -330,19 +333,33 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(layout, Documents):  # packed training rows
             return self.o_proj(document_attention(q, k, v, layout).reshape(B, T, -1))
-        cache = layout
-        if cache is not None:  # store the new tokens' keys and values, (tokens, kv_heads, head_dim), in their blocks
-            new_k, new_v = (k[cache.valid], v[cache.valid]) if cache.tables is None else (k[:, 0], v[:, 0])
-            cache.k[self.layer, cache.blocks, :, cache.offsets] = new_k
-            cache.v[self.layer, cache.blocks, :, cache.offsets] = new_v
-        if cache is None or cache.tables is None:  # whole right-padded rows (a full forward, a prefill): causal
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-            y = y.transpose(1, 2)
-        else:  # decode: each row's one query over its own blocks and length (Triton on CUDA)
+        if layout is None:  # whole causal rows (a full forward: right padding never reaches a real token)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                               enable_gqa=self.n_kv != self.n_heads)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        cache, new_k, new_v = layout, k.flatten(0, 1), v.flatten(0, 1)  # the new tokens', (tokens, kv_heads, head_dim)
+        cache.k[self.layer, cache.blocks, :, cache.offsets] = new_k
+        cache.v[self.layer, cache.blocks, :, cache.offsets] = new_v
+        if cache.docs is not None:  # a prefill of packed sequences
+            y = document_attention(q, k, v, cache.docs)
+        elif cache.rows is not None:  # a decode step over this window's contiguous copy of the rows
+            y = row_attention(q[:, 0], new_k, new_v, cache, self.layer)
+        else:  # a decode step over each row's own blocks (Triton on CUDA)
             y = call_fast("paged_attention", paged_decode_attention, paged_decode_attention_reference, q[:, 0],
                           cache.k[self.layer], cache.v[self.layer], cache.tables, cache.lens)
         return self.o_proj(y.reshape(B, T, -1))
+
+
+def row_attention(q, new_k, new_v, cache: PagedKV, layer: int) -> torch.Tensor:
+    """One query per row (B, heads, head_dim) over its contiguous keys and values in `cache.rows`, after writing the
+    new token's there at position lens - 1; slots past a row's length are masked by position, never by value."""
+    keys, values = cache.rows[0][layer], cache.rows[1][layer]  # (B, kv_heads, tokens, head_dim)
+    rows, last = torch.arange(len(q), device=q.device), cache.lens - 1
+    keys[rows, :, last], values[rows, :, last] = new_k, new_v
+    inside = torch.arange(keys.shape[2], device=q.device) < cache.lens[:, None]
+    y = F.scaled_dot_product_attention(q.unflatten(1, (keys.shape[1], -1)), keys, values,
+                                       attn_mask=inside[:, None, None, :])
+    return y.flatten(1, 2)
 
 
 class MLP(nn.Module):
@@ -746,7 +763,7 @@ def save_lora(model: Transformer, tokenizer, out_dir, state_dict: dict, cfg: Con
 # ---------------------------------------------------------------- batched KV-cached sampler ---------------------------
 
 KV_BLOCK = 256  # tokens per block of the paged KV cache
-PREFILL_TOKENS = 16384  # padded tokens per prefill forward: bounds the activations of admitting many prompts
+PREFILL_TOKENS = 16384  # tokens per prefill forward: bounds the activations of admitting many prompts
 RETIRE_EVERY = 8  # decode steps the device runs between two looks of the host (retire, refill, grow, preempt)
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # CUDA: a decode batch is padded up to one of these (or to rows)
 
@@ -802,22 +819,38 @@ def default_cache_tokens(model: Transformer, rows: int, length: int) -> int:
 
 
 def prefill(model: Transformer, cache: PagedKV, groups: list) -> torch.Tensor:
-    """Run each group's tokens through the model once, storing keys and values in the blocks of its first sequence;
-    returns the last position's hidden state per group (the samples of a prompt form one group: one prefill)."""
+    """Run each group's tokens through the model once, packed end to end in one row (no padding), storing keys and
+    values in the blocks of its first sequence; returns the last position's hidden state per group (the samples of a
+    prompt form one group: one prefill)."""
     device, bs = cache.k.device, cache.k.shape[3]
-    lens = [len(g[0].tokens) for g in groups]
-    ids = torch.zeros(len(groups), max(lens), dtype=torch.long)
-    blocks, offsets = [], []
-    for b, g in enumerate(groups):
-        ids[b, :lens[b]] = torch.tensor(g[0].tokens)
-        t = torch.arange(lens[b])
-        blocks.append(torch.tensor(g[0].blocks)[t // bs])
-        offsets.append(t % bs)
-    cache.blocks, cache.offsets = torch.cat(blocks).to(device), torch.cat(offsets).to(device)
-    cache.valid = (torch.arange(max(lens))[None] < torch.tensor(lens)[:, None]).to(device)
-    cache.tables = None
-    h = model.hidden(ids.to(device), torch.arange(max(lens), device=device).expand(len(groups), -1), cache)
-    return h[torch.arange(len(groups), device=device), torch.tensor(lens, device=device) - 1]
+    seqs = [g[0] for g in groups]
+    lens = [len(s.tokens) for s in seqs]
+    positions = torch.cat([torch.arange(n) for n in lens])
+    blocks = torch.cat([torch.tensor(s.blocks)[torch.arange(n) // bs] for s, n in zip(seqs, lens)])
+    cache.blocks, cache.offsets, cache.tables = blocks.to(device), (positions % bs).to(device), None
+    cache.docs = Documents(F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(device, torch.int32), lens)
+    ids = torch.tensor([t for s in seqs for t in s.tokens], device=device)
+    h = model.hidden(ids[None], positions.to(device)[None], cache)[0]
+    cache.docs = None
+    return h[torch.tensor(lens, device=device).cumsum(0) - 1]
+
+
+def copy_rows(cache: PagedKV, tables, length: int, space: list) -> tuple:
+    """Each row's first `length` tokens of keys and values, copied out of its blocks `tables` (B, W) by one gather
+    per pool into `space`, two flat buffers kept from window to window (fresh pages cost several times the copy):
+    (keys, values), each (layers, B, kv_heads, length, head_dim)."""
+    layers, n_blocks, kv_heads, bs, dim = cache.k.shape
+    heads = torch.arange(kv_heads, device=tables.device)
+    index = (tables.long()[:, None, :] * kv_heads + heads[None, :, None]).flatten()  # (block, kv head) pairs in order
+    size = layers * len(index) * bs * dim
+    if space[0].numel() < size:
+        space[:] = [cache.k.new_empty(size) for _ in "kv"]
+    rows = []
+    for pool, buffer in zip((cache.k, cache.v), space):
+        out = buffer[:size].view(layers, len(index), bs, dim)
+        torch.index_select(pool.view(layers, n_blocks * kv_heads, bs, dim), 1, index, out=out)
+        rows.append(out.view(layers, len(tables), kv_heads, -1, dim)[:, :, :, :length])
+    return tuple(rows)
 
 
 def decode_step(model: Transformer, cache: PagedKV, draw, tokens, positions, tables, seq_ids) -> torch.Tensor:
@@ -916,6 +949,7 @@ class Engine:
         shape = (cfg.num_layers, cache_tokens // block_size + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.cache = PagedKV(*(torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in "kv"))
         self.pool, self.queue, self.running = BlockPool(shape[1]), deque(), []
+        self.row_space = [self.cache.k.new_empty(0)] * 2  # copy_rows' buffers
         self.stats = dict(decode_steps=0, rows=0, peak_rows=0, preemptions=0, prefill_tokens=0, tokens=0)
         cache = self.cache  # not self: a cycle through the engine would keep the pool alive until gc runs
 
@@ -952,17 +986,17 @@ class Engine:
             self.start(chunk)
 
     def take_chunk(self) -> list:
-        """The next groups (or the front of one) that fit in the free rows and blocks, at most PREFILL_TOKENS padded
-        tokens, given their blocks: a group's full blocks are shared, each sequence owns its partial last block."""
+        """The next groups (or the front of one) that fit in the free rows and blocks, at most PREFILL_TOKENS tokens,
+        given their blocks: a group's full blocks are shared, each sequence owns its partial last block."""
         reserve = sum(self.blocks_needed(len(s.tokens), s.n_prompt) - len(s.blocks) for s in self.running)
-        chunk, padded, bs, pool = [], 0, self.block_size, self.pool
+        chunk, tokens, bs, pool = [], 0, self.block_size, self.pool
         while self.queue and len(self.running) + sum(map(len, chunk)) < self.rows:
             group, n = self.queue[0], len(self.queue[0][0].tokens)
             full, partial = n // bs, -(-n // bs) - n // bs
             own = self.blocks_needed(n + 1, group[0].n_prompt) - full  # after its first token is drawn
             fit = min(len(group), self.rows - len(self.running) - sum(map(len, chunk)),
                       max(0, len(pool.free) - reserve - full) // own)
-            if fit < 1 or chunk and (len(chunk) + 1) * max(padded, n) > PREFILL_TOKENS:
+            if fit < 1 or chunk and tokens + n > PREFILL_TOKENS:
                 break
             take, group[:fit] = group[:fit], []
             if not group:
@@ -974,7 +1008,7 @@ class Engine:
                 seq.blocks = shared + pool.take(partial)
             reserve += fit * (own - partial)
             chunk.append(take)
-            padded = max(padded, n)
+            tokens += n
         return chunk
 
     def start(self, chunk: list):
@@ -1018,9 +1052,13 @@ class Engine:
         tables = torch.tensor([s.blocks + [0] * (widest - len(s.blocks)) for s in rows], dtype=torch.int32)
         # a window may run past a row's blocks into block 0: widen the table to cover it
         tables = F.pad(tables, (0, max(0, -(-(max(positions) + steps) // bs) - widest)))
+        tables = tables.to(device)
+        if not (FAST_PATHS["paged_attention"] and device.type in FAST_PATH_DEVICES):  # no paged kernel: one copy
+            self.cache.rows = copy_rows(self.cache, tables, max(positions) + steps, self.row_space)
         out = self.decode(torch.tensor([s.tokens[-1] for s in rows], device=device),
-                          torch.tensor(positions, device=device), tables.to(device),
+                          torch.tensor(positions, device=device), tables,
                           torch.tensor([s.seq_id for s in rows], device=device), steps).T.tolist()
+        self.cache.rows = None
         self.stats["decode_steps"] += steps
         self.stats["rows"] += steps * len(rows)
         self.stats["peak_rows"] = max(self.stats["peak_rows"], len(rows))

@@ -205,8 +205,8 @@ def test_refill_keeps_order_and_calls_on_finish_once(tiny, varied, greedy_defaul
     calls = []
     hidden = model.hidden
 
-    def spy(input_ids, positions, cache=None):
-        calls.append((cache.tables is None, input_ids.shape[0]))
+    def spy(input_ids, positions, cache=None):  # a prefill packs its sequences in one row
+        calls.append((cache.docs is not None, len(cache.docs.lens) if cache.docs else input_ids.shape[0]))
         return hidden(input_ids, positions, cache)
 
     monkeypatch.setattr(model, "hidden", spy)
