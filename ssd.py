@@ -342,8 +342,7 @@ class MLP(nn.Module):
 
 class MoE(nn.Module):
     """Qwen3-MoE's sparse MLP: a softmax router picks each token's top-k experts and sums their SwiGLU outputs weighted
-    by those probabilities (renormalised if norm_topk_prob). Experts are stacked (experts, out, in); checkpoints split
-    them (checkpoint_pieces)."""
+    by those probabilities (renormalised if norm_topk_prob); the experts are stacked in (experts, out, in) tensors."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -1267,15 +1266,14 @@ def check_context(longest_prompt: int, model_dir: Path, cfg: Config, device):
     if dist.is_initialized():
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
     limit = model_config_from_hf(json.loads((model_dir / "config.json").read_text())).max_position_embeddings
-    if int(longest) + cfg.max_completion_length > limit:
-        raise SSDError(f"the longest prompt ({int(longest)} tokens) + --max_completion_length "
-                       f"({cfg.max_completion_length}) exceeds the model's max_position_embeddings ({limit}); "
-                       "lower --max_completion_length or --max_prompt_length")
-    blocks = -(-(int(longest) + cfg.max_completion_length) // KV_BLOCK)
+    longest, new = int(longest), cfg.max_completion_length
+    if longest + new > limit:
+        raise SSDError(f"the longest prompt ({longest} tokens) + --max_completion_length ({new}) exceeds the model's "
+                       f"max_position_embeddings ({limit}); lower --max_completion_length or --max_prompt_length")
+    blocks = -(-(longest + new) // KV_BLOCK)
     if cfg.cache_tokens and cfg.cache_tokens // KV_BLOCK < blocks:
-        raise SSDError(f"--cache_tokens {cfg.cache_tokens} holds no sequence of {int(longest)} prompt + "
-                       f"{cfg.max_completion_length} new tokens ({blocks} blocks of {KV_BLOCK}); raise --cache_tokens "
-                       "to at least " + str(blocks * KV_BLOCK))
+        raise SSDError(f"--cache_tokens {cfg.cache_tokens} holds no sequence of {longest} prompt + {new} new tokens "
+                       f"({blocks} blocks of {KV_BLOCK}); raise --cache_tokens to at least {blocks * KV_BLOCK}")
 
 
 def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: int, world: int, device, seed: int):
@@ -1293,8 +1291,8 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
     check_context(max(map(len, ids.values()), default=0), model_dir, cfg, device)  # before the weights load
     model, _ = load_model(model_dir, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     end_phase("sample: load", device)
-    part = work / f"samples-part{rank}-of-{world}.jsonl"
-    done = read_jsonl(part)
+    parts = [work / f"samples-part{w}-of-{world}.jsonl" for w in range(world)]
+    part, done = parts[rank], read_jsonl(parts[rank])
     with open(part, "w") as f:  # rewrite what survived a crash, without any half-written last line
         f.writelines(json.dumps(r) + "\n" for r in done)
     seen = {(r["prompt_index"], r["sample_index"]) for r in done}
@@ -1321,13 +1319,13 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
         torch.cuda.empty_cache()  # hand the sampling weights and KV cache back before training loads fp32 weights
     barrier(long_wait=True)  # the other ranks may still be sampling
     if rank == 0:
-        records = [r for w in range(world) for r in read_jsonl(work / f"samples-part{w}-of-{world}.jsonl")]
+        records = [r for p in parts for r in read_jsonl(p)]
         records = apply_filters(sorted(records, key=lambda r: (r["prompt_index"], r["sample_index"])), cfg)
         tmp = final.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({k: r[k] for k in SAMPLE_FIELDS}) + "\n" for r in records))
         os.replace(tmp, final)
-        for w in range(world):
-            (work / f"samples-part{w}-of-{world}.jsonl").unlink()
+        for p in parts:
+            p.unlink()
         report_samples(records, sum(p is None for p in prompts))
     barrier(long_wait=True)  # rank 0 merges and filters every rank's samples
 
