@@ -1,11 +1,10 @@
-"""Simple Self-Distillation (SSD) for code generation, in one file.
+"""Simple Self-Distillation (SSD) for code generation, in one file (arXiv 2604.01193).
 
 Sample completions for coding prompts from the frozen base model at a training-time temperature with top-k / top-p
 truncation, drop empty or stub outputs, fine-tune on the raw, unverified samples with plain cross-entropy, then decode
-at a separately tuned evaluation temperature (arXiv 2604.01193). The file reads in pipeline order:
-config and CLI -> model -> checkpoint I/O -> paged sampling engine -> SSD data phase -> training -> main.
+at a separately tuned evaluation temperature. The file reads in pipeline order: config and CLI -> model ->
+checkpoint I/O -> paged sampling engine -> SSD data phase -> training -> main. Usage (README has the CPU demo):
 
-    python ssd.py --model_name_or_path tests/assets/tiny-qwen3 --dataset_path tests/assets/prompts.jsonl ...
     torchrun --nproc_per_node=8 ssd.py --temperature 1.6
 """
 
@@ -26,15 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ssd_kernels import (
-    check_paged_attention,
-    check_sampler,
-    check_sampling_args,
-    paged_decode_attention,
-    paged_decode_attention_reference,
-    sample_next_token,
-    sample_next_token_reference,
-)
+from ssd_kernels.paged_attention import check_paged_attention, paged_decode_attention, paged_decode_attention_reference
+from ssd_kernels.sampling import check_sampler, check_sampling_args, sample_next_token, sample_next_token_reference
 
 
 class SSDError(RuntimeError):
@@ -45,10 +37,9 @@ class SSDError(RuntimeError):
 
 @dataclass
 class Config:
-    # Flag names follow TRL's SSD script wherever the concept is the same, so users can paste their commands.
-    # Defaults are the paper's Qwen3-4B-Instruct setup (its training recipe as the authors gave it in apple/ml-ssd
-    # issue #7: AdamW betas 0.9/0.95, weight decay 0.1, cosine 5e-6 -> 1e-6, 2,500 steps with 250 warmup, global
-    # batch 32). The comment beside a field is its --help text.
+    # Flag names follow TRL's SSD script where the concept is the same. Defaults are the paper's Qwen3-4B-Instruct setup
+    # (the authors' recipe in apple/ml-ssd issue #7: AdamW 0.9/0.95, weight decay 0.1, cosine 5e-6 -> 1e-6, 2,500 steps
+    # with 250 warmup, global batch 32). The comment beside a field is its --help text.
     model_name_or_path: str = "Qwen/Qwen3-4B-Instruct-2507"  # local model directory or hub id
     output_dir: str = "ssd-output"  # samples, training state, metrics and the final model
     seed: int = 42  # sampling seed and training data order
@@ -142,20 +133,17 @@ def call_fast(name: str, fast, reference, *args, **kwargs):
 
 
 def parse_args(argv=None) -> Config:
-    """Build the command line from the Config dataclass: one --flag per field, with the comment beside the field
-    as its help, and bools as --x / --no-x."""
-    import argparse
+    """One --flag per Config field, with the comment beside the field as its help; bools as --x / --no-x."""
     import inspect
     import re
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from argparse import ArgumentParser, BooleanOptionalAction, RawDescriptionHelpFormatter
+    parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(Config)
     helps = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(Config), re.M))
     for f in dataclasses.fields(Config):
         kind, text = hints[f.name], helps[f.name].replace("%", "%%") + " (default: %(default)s)"
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=text)
-        else:
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, metavar=kind.__name__.upper(), help=text)
+        how = dict(action=BooleanOptionalAction) if kind is bool else dict(type=kind, metavar=kind.__name__.upper())
+        parser.add_argument(f"--{f.name}", default=f.default, help=text, **how)
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -216,17 +204,14 @@ def model_config_from_hf(hf: dict, generation_config: dict | None = None, eos_to
     moe_layers = [i for i in range(layers) if experts and i not in (hf.get("mlp_only_layers") or [])
                   and (i + 1) % hf.get("decoder_sparse_step", 1) == 0]  # transformers' rule
     return ModelConfig(
-        family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=layers, num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=layers, num_heads=heads,
+        intermediate_size=hf["intermediate_size"], num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        rope_scaling=rope if rope_type == "llama3" else None,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or bias, o_bias=family != "qwen2" and bias,
-        max_position_embeddings=max_positions, num_experts=experts,
-        experts_per_token=hf.get("num_experts_per_tok", 0), moe_intermediate_size=hf.get("moe_intermediate_size", 0),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)), moe_layers=moe_layers,
+        rope_scaling=rope if rope_type == "llama3" else None, tie_word_embeddings=bool(hf.get("tie_word_embeddings")),
+        qkv_bias=family == "qwen2" or bias, o_bias=family != "qwen2" and bias, max_position_embeddings=max_positions,
+        num_experts=experts, experts_per_token=hf.get("num_experts_per_tok", 0), moe_layers=moe_layers,
+        moe_intermediate_size=hf.get("moe_intermediate_size", 0), norm_topk_prob=bool(hf.get("norm_topk_prob")),
         eos_token_ids=list(eos_token_ids), hf_config=hf, generation_config=generation_config or {})
 
 
@@ -236,9 +221,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
     if cfg.rope_scaling is None:
         return inv_freq
-    s = cfg.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    factor, low, high, old_len = (cfg.rope_scaling[k] for k in keys)
     wavelen = 2 * math.pi / inv_freq
     # Long wavelengths are divided by `factor`, short ones kept, and the band between them interpolated smoothly.
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
@@ -374,9 +358,8 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Qwen3-MoE's sparse MLP: a softmax router picks each token's top-k experts (their probabilities renormalised
-    when norm_topk_prob says so) and sums their SwiGLU outputs weighted by those probabilities. The experts are
-    stacked into (experts, out, in) tensors; checkpoints hold them one by one (see checkpoint_pieces)."""
+    """Qwen3-MoE's sparse MLP: a softmax router picks each token's top-k experts and sums their SwiGLU outputs weighted
+    by those probabilities (renormalised if norm_topk_prob); the experts are stacked in (experts, out, in) tensors."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -440,9 +423,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def apply_lora(model, cfg: Config, device="cpu"):
-    """Freeze the model and put a LoRALinear on each linear layer named in --lora_target_modules (A and B still to
-    be filled: init_lora_). The frozen weights are held in bf16 on CUDA with --bf16 (FSDP computes in bf16 there
-    anyway), in fp32 elsewhere. --lora_r 0 leaves the model as it is."""
+    """Freeze the model (bf16 on CUDA with --bf16, where FSDP computes in bf16 anyway; else fp32) and wrap each linear
+    layer named in --lora_target_modules in a LoRALinear (init_lora_ fills A and B). --lora_r 0: the model as it is."""
     if not cfg.lora_r:
         return model
     targets = cfg.lora_target_modules.split(",")
@@ -462,9 +444,8 @@ def apply_lora(model, cfg: Config, device="cpu"):
 
 @torch.no_grad()
 def init_lora_(model, seed: int):
-    """PEFT's start: A Kaiming-uniform (as nn.Linear's weights), B zero, so training starts from the base model.
-    A is drawn whole from `seed` and each FSDP rank keeps its rows: the same start on any number of ranks. The
-    global RNG, which draws the dropout masks, is seeded too (per rank), so a run does not depend on the process."""
+    """PEFT's start: A Kaiming-uniform, B zero. A is drawn whole from `seed` and each FSDP rank keeps its rows (the
+    same start on any number of ranks); the global RNG (dropout masks) is seeded per rank, so a run is reproducible."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed + (dist.get_rank() if dist.is_initialized() else 0))
     for m in (m for m in model.modules() if isinstance(m, LoRALinear)):
@@ -569,8 +550,8 @@ def resolve_model_dir(name_or_path: str) -> Path:
         raise SSDError(f"model {name_or_path!r} is neither a model directory nor a hub id like Qwen/Qwen3-4B")
     from huggingface_hub import snapshot_download
     try:
-        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "tokenizer*"]
-        return Path(snapshot_download(name_or_path, allow_patterns=patterns))
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                    "*.jinja", "tokenizer*"]))
     except Exception as e:  # offline, unknown repo, gated repo, ...: one line, not a stack trace
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SSDError(f"cannot download {name_or_path!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
@@ -598,8 +579,7 @@ def checkpoint_pieces(name: str, shape, cfg: ModelConfig) -> list:
 
 
 def local_shard(p) -> tuple:
-    """(this rank's tensor of parameter p, the first row of the full tensor it holds): FSDP2 cuts dim 0 as
-    torch.chunk does; a plain tensor is all of itself."""
+    """(this rank's tensor of parameter p, the first row of the full tensor it holds): FSDP2 cuts dim 0 like chunk."""
     from torch.distributed.tensor import DTensor
     if not isinstance(p, DTensor):
         return p, 0
@@ -609,12 +589,9 @@ def local_shard(p) -> tuple:
 
 @torch.no_grad()
 def load_model(name_or_path: str, device="cpu", dtype=torch.bfloat16, shard=None, fill: bool = True):
-    """Our Transformer and the tokenizer from a Hugging Face checkpoint (single or sharded safetensors).
-
-    The model is built on the meta device, `shard(model)` (FSDP) may split it there, and only then is memory given to
-    each rank's part, which is read from the files slice by slice: no rank ever holds more than its shard and one
-    checkpoint tensor. fill=False leaves the memory uninitialised (a resumed run fills it from its training state).
-    """
+    """Our Transformer and the tokenizer from a Hugging Face checkpoint (single or sharded safetensors). Built on the
+    meta device and split there by `shard(model)` (FSDP), each rank's part is read slice by slice: no rank holds more
+    than its shard and one checkpoint tensor. fill=False leaves it uninitialised (a resumed run fills it)."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
     if (Path(name_or_path) / "adapter_config.json").is_file():  # a PEFT LoRA adapter: its base, merged with it
@@ -636,13 +613,10 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.bfloat16, shard=None
             model = shard(model)
     model.to_empty(device=device)
     model.inv_freq = rope_inv_freq(cfg).to(device)  # to_empty left the buffer uninitialised; keep it in fp32
-    targets = {}  # checkpoint key -> where it goes: (local tensor, its first row, index in the parameter, shape)
-    for name, p in model.named_parameters():
-        if name.endswith((".lora_A", ".lora_B")):
-            continue  # LoRA adapters are not in the checkpoint (init_lora_ fills them)
-        local, start = local_shard(p)
-        for key, where in checkpoint_pieces(name, p.shape, cfg):
-            targets[key] = (local, start, where, torch.empty(p.shape, device="meta")[where].shape)
+    # checkpoint key -> where it goes: (local tensor, its first row, index in the parameter, shape); not LoRA's A, B
+    targets = {key: (*local_shard(p), where, torch.empty(p.shape, device="meta")[where].shape)
+               for name, p in model.named_parameters() if not name.endswith((".lora_A", ".lora_B"))
+               for key, where in checkpoint_pieces(name, p.shape, cfg)}
     for f in files if fill else []:
         with safe_open(model_dir / f, framework="pt") as st:
             for key in st.keys():
@@ -665,13 +639,9 @@ def load_model(name_or_path: str, device="cpu", dtype=torch.bfloat16, shard=None
 
 
 def save_model(model: Transformer, tokenizer, out_dir, state_dict=None, max_shard_bytes: int = 5 * 2**30):
-    """Write a Hugging Face checkpoint that transformers loads: config, safetensors (sharded with an index above
-    `max_shard_bytes`), generation config and tokenizer.
-
-    Everything is written to a temporary folder first and moved in with config.json last, after removing any old
-    config.json, so a crash leaves either the old model, or a folder with no config.json, never a loadable half model.
-    `state_dict` lets a distributed run pass the full weights it gathered on rank 0.
-    """
+    """A checkpoint transformers loads (safetensors sharded above `max_shard_bytes`), from `state_dict` if given (the
+    weights a distributed run gathered). Written to a temporary folder and moved in with config.json last, the old one
+    removed first: a crash leaves the old model or a folder without config.json, never a loadable half model."""
     from safetensors.torch import save_file
     cfg, out = model.config, Path(out_dir)
     sd = model.state_dict() if state_dict is None else state_dict
@@ -740,10 +710,8 @@ def load_adapter(path: Path, device, dtype, shard, fill: bool):
 
 
 def save_lora(model: Transformer, tokenizer, out_dir, state_dict: dict, cfg: Config, base: str):
-    """The output of a LoRA run from its gathered weights (adapters in fp32): a PEFT adapter (adapter_config.json,
-    adapter_model.safetensors with PEFT's key names, the tokenizer) that peft.PeftModel.from_pretrained loads onto
-    `base`; or, with --merge_lora and in every round before the last (the next round samples from it), the full
-    checkpoint with the adapter merged in. adapter_config.json, which marks the round done, is written last."""
+    """A LoRA run's output from its gathered weights: a PEFT adapter for `base` (fp32, PEFT's key names; written last,
+    adapter_config.json marks the round done), or, with --merge_lora and before the last round, the merged model."""
     from safetensors.torch import save_file
     out = Path(out_dir)
     adapter = {f"base_model.model.{k}.weight": state_dict.pop(k) for k in list(state_dict) if ".lora_" in k}
@@ -1187,10 +1155,9 @@ def check_varlen_and_grouped_mm(device, name: str):
 
 
 def self_test(device, enabled: dict, model_path: str = "", sampling=()) -> dict:
-    """Check every fast path the flags `enabled` allow and the device has; set FAST_PATHS and return each path's
-    status: "ok", "off (flag)", "off (<device>)" or "fell back (<error>)". `sampling` adds the run's own (T, top-k,
-    top-p, min-p) to the sampler's cases; the paged kernel is compiled for the model's head shape when its
-    config.json is at hand (else Qwen3-4B's). One that fails on any rank is off on every rank."""
+    """Check the fast paths `enabled` allows and the device has; set FAST_PATHS and return each one's status. The
+    sampler also checks the run's (T, top-k, top-p, min-p) `sampling`, the paged kernel the model's head shape (else
+    Qwen3-4B's). One that fails on any rank is off on every rank."""
     config = Path(model_path) / "config.json"
     mcfg = model_config_from_hf(json.loads(config.read_text())) if model_path and config.is_file() else None
     heads = (mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim) if mcfg else (32, 8, 128)
@@ -1240,10 +1207,8 @@ SAMPLE_FIELDS = ("prompt_index", "sample_index", "prompt", "completion", "prompt
 
 
 def load_prompts(cfg: Config) -> list:
-    """The prompt column of a hub dataset or a local file/folder: strings or lists of chat messages.
-
-    Empty prompts become None so prompt indices stay the dataset's row indices.
-    """
+    """The prompt column (strings or chat message lists) of a hub dataset or a local file/folder; empty prompts become
+    None, so prompt indices stay the dataset's row indices."""
     path = Path(cfg.dataset_path)
     if cfg.dataset_path and not path.is_dir() and path.suffix not in LOCAL_FORMATS:
         raise SSDError(f"--dataset_path {path}: expected a {'/'.join(LOCAL_FORMATS)} file or a save_to_disk folder")
@@ -1262,10 +1227,8 @@ def load_prompts(cfg: Config) -> list:
     datasets.disable_progress_bars()
     if cfg.dataset_path:
         try:
-            if path.is_dir():
-                ds = datasets.load_from_disk(str(path))
-            else:
-                ds = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+            ds = datasets.load_from_disk(str(path)) if path.is_dir() else \
+                datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
         except Exception as e:  # empty or malformed files: datasets raises a variety of errors
             raise SSDError(f"cannot read --dataset_path {path} ({type(e).__name__}): is it empty or malformed?") \
                 from None
@@ -1284,8 +1247,7 @@ def load_prompts(cfg: Config) -> list:
 
 
 def check_prompts(columns: list, read_column, cfg: Config) -> list:
-    """The first --max_prompts of the prompt column, read by read_column(), empty prompts as None; refused when the
-    column is missing or holds no prompt."""
+    """The first --max_prompts of the column read_column() reads, empty prompts as None; refused if none is left."""
     if cfg.prompt_column not in columns:
         raise SSDError(f"the dataset has no column {cfg.prompt_column!r}; its columns are {columns}; "
                        "pass --prompt_column")
@@ -1342,15 +1304,14 @@ def check_context(longest_prompt: int, model_dir: Path, cfg: Config, device):
     if dist.is_initialized():
         dist.all_reduce(longest, op=dist.ReduceOp.MAX)
     limit = model_config_from_hf(json.loads((model_dir / "config.json").read_text())).max_position_embeddings
-    if int(longest) + cfg.max_completion_length > limit:
-        raise SSDError(f"the longest prompt ({int(longest)} tokens) + --max_completion_length "
-                       f"({cfg.max_completion_length}) exceeds the model's max_position_embeddings ({limit}); "
-                       "lower --max_completion_length or --max_prompt_length")
-    blocks = -(-(int(longest) + cfg.max_completion_length) // KV_BLOCK)
+    longest, new = int(longest), cfg.max_completion_length
+    if longest + new > limit:
+        raise SSDError(f"the longest prompt ({longest} tokens) + --max_completion_length ({new}) exceeds the model's "
+                       f"max_position_embeddings ({limit}); lower --max_completion_length or --max_prompt_length")
+    blocks = -(-(longest + new) // KV_BLOCK)
     if cfg.cache_tokens and cfg.cache_tokens // KV_BLOCK < blocks:
-        raise SSDError(f"--cache_tokens {cfg.cache_tokens} holds no sequence of {int(longest)} prompt + "
-                       f"{cfg.max_completion_length} new tokens ({blocks} blocks of {KV_BLOCK}); raise --cache_tokens "
-                       "to at least " + str(blocks * KV_BLOCK))
+        raise SSDError(f"--cache_tokens {cfg.cache_tokens} holds no sequence of {longest} prompt + {new} new tokens "
+                       f"({blocks} blocks of {KV_BLOCK}); raise --cache_tokens to at least {blocks * KV_BLOCK}")
 
 
 def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: int, world: int, device, seed: int):
@@ -1368,8 +1329,8 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
     check_context(max(map(len, ids.values()), default=0), model_dir, cfg, device)  # before the weights load
     model, _ = load_model(model_dir, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     end_phase("sample: load", device)
-    part = work / f"samples-part{rank}-of-{world}.jsonl"
-    done = read_jsonl(part)
+    parts = [work / f"samples-part{w}-of-{world}.jsonl" for w in range(world)]
+    part, done = parts[rank], read_jsonl(parts[rank])
     with open(part, "w") as f:  # rewrite what survived a crash, without any half-written last line
         f.writelines(json.dumps(r) + "\n" for r in done)
     seen = {(r["prompt_index"], r["sample_index"]) for r in done}
@@ -1381,11 +1342,10 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
                 i = todo[k]
                 if (i, j) in seen:
                     return
-                text = tokenizer.decode(c.tokens, skip_special_tokens=True)
                 f.write(json.dumps({"prompt_index": i, "sample_index": j, "prompt": tokenizer.decode(ids[i]),
-                                    "completion": text, "prompt_ids": ids[i], "completion_ids": c.tokens,
-                                    "prompt_tokens": len(ids[i]), "completion_tokens": len(c.tokens),
-                                    "stop": c.stop, "prompt_cut": cut[i],
+                                    "completion": tokenizer.decode(c.tokens, skip_special_tokens=True),
+                                    "prompt_ids": ids[i], "completion_ids": c.tokens, "prompt_tokens": len(ids[i]),
+                                    "completion_tokens": len(c.tokens), "stop": c.stop, "prompt_cut": cut[i],
                                     "keep": None, "drop_reason": None}) + "\n")
                 f.flush()
             generate(model, [ids[i] for i in todo], max_new_tokens=cfg.max_completion_length,
@@ -1397,13 +1357,13 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
         torch.cuda.empty_cache()  # hand the sampling weights and KV cache back before training loads fp32 weights
     barrier(long_wait=True)  # the other ranks may still be sampling
     if rank == 0:
-        records = [r for w in range(world) for r in read_jsonl(work / f"samples-part{w}-of-{world}.jsonl")]
+        records = [r for p in parts for r in read_jsonl(p)]
         records = apply_filters(sorted(records, key=lambda r: (r["prompt_index"], r["sample_index"])), cfg)
         tmp = final.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({k: r[k] for k in SAMPLE_FIELDS}) + "\n" for r in records))
         os.replace(tmp, final)
-        for w in range(world):
-            (work / f"samples-part{w}-of-{world}.jsonl").unlink()
+        for p in parts:
+            p.unlink()
         report_samples(records, sum(p is None for p in prompts))
     barrier(long_wait=True)  # rank 0 merges and filters every rank's samples
 
@@ -1723,8 +1683,6 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
 RESUMABLE_CHANGES = {"output_dir", "logging_steps", "save_steps", "generation_batch_size", "cache_tokens",
                      "sample_only", "dist_timeout", "preflight", *FAST_PATHS}  # a resumed run may change these
 WAIT_GROUP = [None]  # a gloo group whose barrier waits out the other ranks' sampling (hours, not --dist_timeout)
-
-
 PHASES = []  # (name, end time, peak host MiB, peak CUDA MiB or None) of each phase this process ran, in order
 
 
@@ -1765,11 +1723,8 @@ def report_phases(rank: int, world: int):
 
 
 def init_distributed(timeout_minutes: float = 30.0):
-    """(rank, world, device): torchrun's process group (NCCL on GPU, gloo on CPU), or a group of one.
-
-    A single process gets a one-rank group too, so training always takes the same FSDP path. Every collective
-    gives up after `timeout_minutes`, so a rank that died or hangs stops the others instead of holding them for hours.
-    """
+    """(rank, world, device): torchrun's process group (NCCL on GPU, gloo on CPU), or a group of one (training always
+    takes the FSDP path). Collectives give up after `timeout_minutes`: a dead or hung rank stops the others."""
     import datetime
     cuda = torch.cuda.is_available()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
