@@ -81,9 +81,12 @@ def prefill(model, cache, seqs, blocks):
     return torch.nn.functional.linear(ssd.prefill(model, cache, groups), model.head_weight())
 
 
-def decode(model, cache, tokens, positions, blocks):
-    """One decode step through ssd.decode_step, with a draw that hands back the logits."""
+def decode(model, cache, tokens, positions, blocks, window=False):
+    """One decode step through ssd.decode_step, with a draw that hands back the logits; window: over a contiguous
+    copy of the rows' blocks (copy_rows), as a decode window without the paged kernel does."""
     tables = torch.tensor([b + [0] * (max(map(len, blocks)) - len(b)) for b in blocks], dtype=torch.int32)
+    if window:
+        cache.rows = ssd.copy_rows(cache, tables, max(positions) + 1, [torch.empty(0)] * 2)
     return ssd.decode_step(model, cache, lambda logits, *_: logits, torch.tensor(tokens), torch.tensor(positions),
                            tables, torch.zeros(len(tokens), dtype=torch.long))
 
@@ -94,8 +97,9 @@ def full_logits(model, seq):
 
 
 @pytest.mark.parametrize("which", ["tiny-qwen3", "llama-gqa4-llama3rope", "qwen2-untied"])
+@pytest.mark.parametrize("window", [False, True], ids=["paged", "window"])
 @torch.no_grad()
-def test_cached_decode_matches_full_forward(which, tiny, tmp_path):
+def test_cached_decode_matches_full_forward(which, window, tiny, tmp_path):
     """Prefill rows of different lengths (one exactly a block) into scattered blocks of a pool full of garbage, decode
     them token by token, and hand one row's blocks to a shorter new sequence mid-way (the stale keys past its length
     must stay unread): every step's logits equal a full forward over the whole sequence."""
@@ -125,7 +129,7 @@ def test_cached_decode_matches_full_forward(which, tiny, tmp_path):
             blocks[1] = blocks[1][::-1]
             torch.testing.assert_close(prefill(model, cache, [new[:3]], [blocks[1]])[0], fulls[1][2], atol=ATOL,
                                        rtol=RTOL)
-        out = decode(model, cache, [s[p] for s, p in zip(seqs, pos)], pos, blocks)
+        out = decode(model, cache, [s[p] for s, p in zip(seqs, pos)], pos, blocks, window)
         for b in range(len(seqs)):
             worst = max(worst, (out[b] - fulls[b][pos[b]]).abs().max().item())
             torch.testing.assert_close(out[b], fulls[b][pos[b]], atol=ATOL, rtol=RTOL)
