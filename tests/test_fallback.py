@@ -141,6 +141,8 @@ def test_fallback_of_a_kernel_launch_that_fails_mid_run(tiny_model_dir, monkeypa
             raise OutOfResources("out of resource: shared memory, Required: 263168, Hardware limit: 232448")
         return paged_decode_attention_reference(*args)
     monkeypatch.setattr(ssd, "paged_decode_attention", flaky)
+    monkeypatch.setattr(ssd, "FAST_PATH_DEVICES", ("cuda", "cpu"))  # as if this CPU had the paged kernel
+    monkeypatch.setitem(ssd.FAST_PATHS, "cuda_graphs", False)  # launched step by step, as without graphs
     ssd.FAST_PATH_STATUS["paged_attention"] = "ok"
     out = ssd.generate(model, prompts, **kw)
     err = capsys.readouterr().err
