@@ -7,8 +7,8 @@ entries past a row's used blocks, and pool slots no row uses, may hold anything 
 position, never by value. Blocks may be shared between rows and appear in any order. A row with seq_lens[b] == 0 is
 idle and gets zeros. GQA: query head h reads kv head h // (H // KV). Softmax in fp32, output in q.dtype.
 
-  paged_decode_attention_reference: defines the semantics, and is the CPU production path (one gather of the used
-    table columns, one batched fp32 attention).
+  paged_decode_attention_reference: defines the semantics (one gather of the used table columns, one batched fp32
+    attention); ssd.py's CPU decode instead copies the rows once per window of steps and attends over that copy.
   paged_decode_attention_triton: flash-decoding for CUDA. Grid (B, KV, splits): a program takes one kv head with all
     G = H / KV query heads as the M side of tl.dot (padded to 16), walks its contiguous range of the row's blocks
     with an online softmax, and writes a partial (acc, max, sum); a merge kernel combines the splits by log-sum-exp.
@@ -44,7 +44,7 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
     _check(q, k_cache, v_cache, block_tables, seq_lens)
     (batch, heads, dim), (_, kv_heads, block_size, _) = q.shape, k_cache.shape
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    # The only host sync: how many table columns any row uses (free on CPU, where this is the production path).
+    # The only host sync: how many table columns any row uses.
     width = min(-(-int(seq_lens.max()) // block_size), block_tables.shape[1]) if batch else 0
     if width == 0:
         return q.new_zeros(q.shape)
