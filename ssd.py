@@ -256,9 +256,10 @@ class PagedKV:
     Sequence s keeps its token t at block table_s[t // block_size], offset t % block_size. A forward writes the keys and
     values of its new tokens at (`blocks`, `offsets`), one entry per token. A prefill (`docs` set) runs whole sequences
     packed end to end in one row, as training does; a decode brings one token per row and attends over the row's
-    blocks `tables` (B, W) up to its length `lens` (B,). Without the paged kernel (CPU), a decode window first copies
+    blocks `tables` (B, W) up to its length `lens` (B,). On CPU, which has no paged kernel, a decode window first copies
     each row's blocks once into `rows`, contiguous (keys, values) of (layers, B, kv_heads, tokens, head_dim), and its
-    steps attend over that copy, writing their new keys into both.
+    steps attend over that copy, writing their new keys into both (up to the pool's size again in memory; on CUDA
+    the kernel, or its reference layer by layer, reads the blocks themselves).
     """
     k: torch.Tensor  # (layers, blocks, kv_heads, block_size, head_dim)
     v: torch.Tensor
@@ -1021,7 +1022,7 @@ class Engine:
         # a window may run past a row's blocks into block 0: widen the table to cover it
         tables = F.pad(tables, (0, max(0, -(-(max(positions) + steps) // bs) - widest)))
         tables = tables.to(device)
-        if not (FAST_PATHS["paged_attention"] and device.type in FAST_PATH_DEVICES):  # no paged kernel: one copy
+        if device.type not in FAST_PATH_DEVICES:  # no paged kernel (CPU): copy the rows once for the whole window
             self.cache.rows = copy_rows(self.cache, tables, max(positions) + steps, self.row_space)
         out = self.decode(torch.tensor([s.tokens[-1] for s in rows], device=device),
                           torch.tensor(positions, device=device), tables,
