@@ -291,8 +291,8 @@ def document_attention(q, k, v, docs: Documents):
         return varlen_attn(q[0], k[0], v[0], docs.cu_lens, docs.cu_lens, longest, longest, window_size=(-1, 0),
                            enable_gqa=gqa)[None]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (1, heads, tokens, head_dim)
-    ys = [F.scaled_dot_product_attention(*(t[:, :, a:a + n] for t in (q, k, v)), is_causal=True, enable_gqa=gqa)
-          for a, n in zip(docs.cu_lens.tolist(), docs.lens)]
+    ys = [F.scaled_dot_product_attention(*qkv, is_causal=True, enable_gqa=gqa)
+          for qkv in zip(*(t.split(docs.lens, dim=2) for t in (q, k, v)))]
     return torch.cat(ys, dim=2).transpose(1, 2)
 
 
@@ -530,11 +530,14 @@ def chunk_cross_entropy(h, weight, targets):
 
 
 def chunked_cross_entropy(h, weight, targets) -> torch.Tensor:
-    """Sum of token cross-entropies; each chunk's logits are recomputed in backward instead of being stored."""
+    """Sum of token cross-entropies; each chunk's logits are recomputed in backward instead of being stored, but the
+    last chunk's, whose backward runs first."""
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, len(targets), CE_CHUNK):
-        total = total + checkpoint(chunk_cross_entropy, h[s:s + CE_CHUNK], weight, targets[s:s + CE_CHUNK],
-                                   use_reentrant=False)
+        piece = h[s:s + CE_CHUNK], weight, targets[s:s + CE_CHUNK]
+        last = s + CE_CHUNK >= len(targets)
+        total = total + (chunk_cross_entropy(*piece) if last else checkpoint(chunk_cross_entropy, *piece,
+                                                                                use_reentrant=False))
     return total
 
 
@@ -1418,25 +1421,22 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
 
 @torch.no_grad()
 def adamw_step(params, grads, exp_avg, exp_avg_sq, step: int, lr: float, cfg: Config):
-    """One AdamW update as torch.optim.AdamW computes it: decoupled weight decay, bias-corrected moments.
-
-    `step` counts from 1. Every tensor is a plain (local-shard) fp32 tensor. Weight decay shrinks the weight matrices
-    and the embedding only: norm scales and biases (the 1-D tensors; a shard keeps its tensor's rank) are not decayed
-    towards 0, as in torchtitan and the usual no-decay parameter group.
-    """
-    b1, b2 = cfg.adam_beta1, cfg.adam_beta2
-    bias1, bias2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
-    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
-        if p.ndim >= 2:
-            p.mul_(1 - lr * cfg.weight_decay)
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(cfg.adam_epsilon), value=-lr / bias1)
+    """One update of torch.optim.AdamW (its fused kernel: one pass over each tensor) on plain (local-shard) fp32
+    tensors; `step` counts from 1. Weight decay shrinks the weight matrices and the embedding only: norm scales and
+    biases (the 1-D tensors; a shard keeps its tensor's rank) are not decayed towards 0, as in torchtitan and the usual
+    no-decay parameter group."""
+    from torch.optim.adamw import adamw
+    for decay in (True, False):
+        pick = [i for i, p in enumerate(params) if (p.ndim >= 2) == decay]
+        adamw(*([t[i] for i in pick] for t in (params, grads, exp_avg, exp_avg_sq)), [],
+              [torch.tensor(step - 1.0) for _ in pick], fused=True, amsgrad=False, beta1=cfg.adam_beta1,
+              beta2=cfg.adam_beta2, lr=lr, weight_decay=cfg.weight_decay if decay else 0.0, eps=cfg.adam_epsilon,
+              maximize=False)  # it counts each step tensor up to `step` before the update
 
 
 def clip_grad_norm(grads, max_norm: float) -> float:
     """Scale the gradient so its global L2 norm (over every rank's shard) is at most max_norm; returns the norm."""
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
+    sq = torch.nn.utils.get_total_norm(grads) ** 2  # a foreach norm: no squared copy of each gradient
     if dist.is_initialized():
         dist.all_reduce(sq)
     norm = sq.sqrt().item()
@@ -1491,16 +1491,15 @@ def shard_model(model: Transformer, cfg: Config, device):
     """FSDP2 as torchtitan does it: one group per block, then the root (embedding, final norm and the tied head).
 
     On CUDA with --bf16, compute runs in bf16 on fp32 master weights and gradients are reduced in fp32.
-    The loss is already a mean over the step's tokens on every rank, so FSDP must sum gradients, not average them.
+    The loss is already a mean over the step's tokens on every rank, so FSDP must sum gradients, not average them
+    (one rank already sums: a divide factor of 1 would still cost a pass over every gradient).
     """
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     bf16 = cfg.bf16 and device.type == "cuda"
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for block in model.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
+    for module in (*model.model.layers, model):
+        fully_shard(module, mp_policy=mp)
+        if dist.get_world_size() > 1:
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
     return model
@@ -1552,12 +1551,11 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
     model.checkpointing = cfg.gradient_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates p.to_local()
-    exp_avg, exp_avg_sq = ([torch.zeros_like(p.to_local()) for p in params] for _ in "mv")  # AdamW's moments
-    opt = params, exp_avg, exp_avg_sq
+    opt = params, *([torch.zeros_like(p.to_local()) for p in params] for _ in "mv")  # and AdamW's two moments
     if state is None:
         return model, tokenizer, opt, 0
     with torch.no_grad():
-        for dst, src in zip([p.to_local() for p in params] + exp_avg + exp_avg_sq,
+        for dst, src in zip([p.to_local() for p in params] + opt[1] + opt[2],
                             state["params"] + state["exp_avg"] + state["exp_avg_sq"]):
             dst.copy_(src)
     torch.set_rng_state(state["rng"])
@@ -1600,17 +1598,15 @@ def log_metrics(path: Path, row: dict, model: Transformer, lengths: list, second
     lengths in these seconds and the peak device memory."""
     row["peak_host_memory_gb"] = peak_host_gb()
     if device.type == "cuda":
-        mcfg, n_params = model.config, sum(p.numel() for p in model.parameters())
-        if mcfg.num_experts:  # MoE: a token meets only experts_per_token of the experts
-            stacked = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".gate_up_proj",
-                                                                                         ".down_proj")))
-            n_params -= stacked * (1 - mcfg.experts_per_token / mcfg.num_experts)
+        c, n_params, trained = model.config, 0, 0
+        for name, p in model.named_parameters():  # an MoE token meets only experts_per_token of the stacked experts
+            stacked = name.endswith((".gate_up_proj", ".down_proj"))
+            n = p.numel() * (c.experts_per_token / c.num_experts if stacked else 1)
+            n_params, trained = n_params + n, trained + n * p.requires_grad  # LoRA trains only the adapters
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
         # 6N per token (4N for frozen weights, which get no weight gradients: LoRA), plus attention's 12 L H Q T
         # per token of a sequence of T tokens: sum of T^2
-        attn = 12 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * sum(n ** 2 for n in lengths)
-        trained = n_params if all(p.requires_grad for p in model.parameters()) else sum(  # LoRA: the adapters
-            p.numel() for p in model.parameters() if p.requires_grad)
+        attn = 12 * c.num_layers * c.num_heads * c.head_dim * sum(n ** 2 for n in lengths)
         if peak:
             row["mfu"] = ((4 * n_params + 2 * trained) * sum(lengths) + attn) / seconds / (peak * world)
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
