@@ -1421,17 +1421,20 @@ def lr_at(step: int, total: int, cfg: Config) -> float:
 
 @torch.no_grad()
 def adamw_step(params, grads, exp_avg, exp_avg_sq, step: int, lr: float, cfg: Config):
-    """One update of torch.optim.AdamW (its fused kernel: one pass over each tensor) on plain (local-shard) fp32
-    tensors; `step` counts from 1. Weight decay shrinks the weight matrices and the embedding only: norm scales and
-    biases (the 1-D tensors; a shard keeps its tensor's rank) are not decayed towards 0, as in torchtitan and the usual
-    no-decay parameter group."""
-    from torch.optim.adamw import adamw
-    for decay in (True, False):
-        pick = [i for i, p in enumerate(params) if (p.ndim >= 2) == decay]
-        adamw(*([t[i] for i in pick] for t in (params, grads, exp_avg, exp_avg_sq)), [],
-              [torch.tensor(step - 1.0) for _ in pick], fused=True, amsgrad=False, beta1=cfg.adam_beta1,
-              beta2=cfg.adam_beta2, lr=lr, weight_decay=cfg.weight_decay if decay else 0.0, eps=cfg.adam_epsilon,
-              maximize=False)  # it counts each step tensor up to `step` before the update
+    """One AdamW update as torch.optim.AdamW computes it: decoupled weight decay, bias-corrected moments.
+
+    `step` counts from 1. Every tensor is a plain (local-shard) fp32 tensor. Weight decay shrinks the weight matrices
+    and the embedding only: norm scales and biases (the 1-D tensors; a shard keeps its tensor's rank) are not decayed
+    towards 0, as in torchtitan and the usual no-decay parameter group.
+    """
+    b1, b2 = cfg.adam_beta1, cfg.adam_beta2
+    bias1, bias2_sqrt = 1 - b1 ** step, math.sqrt(1 - b2 ** step)
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        if p.ndim >= 2:
+            p.mul_(1 - lr * cfg.weight_decay)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(cfg.adam_epsilon), value=-lr / bias1)
 
 
 def clip_grad_norm(grads, max_norm: float) -> float:
