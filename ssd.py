@@ -1818,6 +1818,7 @@ def run(cfg: Config):
                            f"{cfg.dist_timeout} min): {str(e).strip().splitlines()[0][:300]}; another rank died or "
                            "hangs (see its log); rerun the same command to resume from the last saved state") from None
         raise
+    barrier()  # tear the groups down together: a rank still in gloo when its peer's sockets close aborts
     dist.destroy_process_group()
 
 
