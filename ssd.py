@@ -803,8 +803,8 @@ def prefill(model: Transformer, cache: PagedKV, groups: list) -> torch.Tensor:
     cache.docs = Documents(F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(device, torch.int32), lens)
     ids = torch.tensor([t for s in seqs for t in s.tokens], device=device)
     h = model.hidden(ids[None], positions.to(device)[None], cache)[0]
-    cache.docs = None
-    return h[torch.tensor(lens, device=device).cumsum(0) - 1]
+    ends, cache.docs = cache.docs.cu_lens[1:].long() - 1, None
+    return h[ends]
 
 
 def copy_rows(cache: PagedKV, tables, length: int, space: list) -> tuple:
