@@ -583,9 +583,9 @@ def checkpoint_pieces(name: str, shape, cfg: ModelConfig) -> list:
 
 
 def local_shard(p) -> tuple:
-    """(this rank's tensor of parameter p, the first row of the full tensor it holds): FSDP2 cuts dim 0 like chunk."""
-    from torch.distributed.tensor import DTensor
-    if not isinstance(p, DTensor):
+    """(this rank's tensor of parameter p, the first row of the full tensor it holds): FSDP2 cuts dim 0 like chunk;
+    a tensor FSDP does not manage is whole. (Asked by attribute: importing DTensor to ask costs ~0.4 s.)"""
+    if not hasattr(p, "device_mesh"):
         return p, 0
     rows = -(-p.shape[0] // p.device_mesh.size())
     return p.to_local(), min(p.device_mesh.get_local_rank() * rows, p.shape[0])
@@ -1495,10 +1495,14 @@ def shard_model(model: Transformer, cfg: Config, device):
 
     On CUDA with --bf16, compute runs in bf16 on fp32 master weights and gradients are reduced in fp32.
     The loss is already a mean over the step's tokens on every rank, so FSDP must sum gradients, not average them
-    (one rank already sums: a divide factor of 1 would still cost a pass over every gradient).
+    (one rank already sums: a divide factor of 1 would still cost a pass over every gradient). One rank without
+    mixed precision has nothing to shard or cast: its model stays plain (FSDP would add copies, hooks and, through
+    torch._dynamo, ~1 s of imports).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     bf16 = cfg.bf16 and device.type == "cuda"
+    if dist.get_world_size() == 1 and not bf16:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for module in (*model.model.layers, model):
         fully_shard(module, mp_policy=mp)
@@ -1553,12 +1557,12 @@ def start_training(cfg: Config, model_path: str, state_dir: Path, rank: int, wor
         init_lora_(model, cfg.seed)
     model.checkpointing = cfg.gradient_checkpointing
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates p.to_local()
-    opt = params, *([torch.zeros_like(p.to_local()) for p in params] for _ in "mv")  # and AdamW's two moments
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters; AdamW updates local shards
+    opt = params, *([torch.zeros_like(local_shard(p)[0]) for p in params] for _ in "mv")  # and AdamW's two moments
     if state is None:
         return model, tokenizer, opt, 0
     with torch.no_grad():
-        for dst, src in zip([p.to_local() for p in params] + opt[1] + opt[2],
+        for dst, src in zip([local_shard(p)[0] for p in params] + opt[1] + opt[2],
                             state["params"] + state["exp_avg"] + state["exp_avg_sq"]):
             dst.copy_(src)
     torch.set_rng_state(state["rng"])
@@ -1584,13 +1588,13 @@ def optimizer_step(model: Transformer, opt: tuple, seqs: list, plan: list, step:
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
     step_loss = loss_sum.item() / n_targets
-    grads = [p.grad.to_local() for p in params]
+    grads = [local_shard(p.grad)[0] for p in params]
     grad_norm = clip_grad_norm(grads, cfg.max_grad_norm)
     if not math.isfinite(step_loss) or not math.isfinite(grad_norm):  # stop before the update spreads it
         raise SSDError(f"the loss ({step_loss}) or gradient norm ({grad_norm}) is not finite at step {step + 1}; "
                        f"the last good training state in {state_dir} is kept; lower --learning_rate")
     lr = lr_at(step, total, cfg)
-    adamw_step([p.to_local() for p in params], grads, exp_avg, exp_avg_sq, step + 1, lr, cfg)
+    adamw_step([local_shard(p)[0] for p in params], grads, exp_avg, exp_avg_sq, step + 1, lr, cfg)
     for p in params:
         p.grad = None
     return step_loss, grad_norm, lr
@@ -1626,7 +1630,7 @@ def save_trained(model: Transformer, tokenizer, work: Path, rank: int, cfg: Conf
     for name, p in model.named_parameters():
         if adapter_only and ".lora_" not in name:
             continue  # the same on every rank: no collective is skipped by some only
-        gathered = p.full_tensor()
+        gathered = p.full_tensor() if hasattr(p, "full_tensor") else p
         if rank == 0:
             full[name] = gathered.to(device="cpu", dtype=torch.float32 if ".lora_" in name else dtype)
     if rank == 0:
@@ -1664,7 +1668,7 @@ def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int,
         if (step + 1) % cfg.save_steps == 0 and step + 1 < total:
             save_state(state_dir, {"step": step + 1, "world": world, "rng": torch.get_rng_state(),
                                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                                   "params": [p.to_local().detach().clone() for p in opt[0]], "exp_avg": opt[1],
+                                   "params": [local_shard(p)[0].detach().clone() for p in opt[0]], "exp_avg": opt[1],
                                    "exp_avg_sq": opt[2]}, rank)
     bar.close()
     end_phase("train", device)
@@ -1723,8 +1727,8 @@ def report_phases(rank: int, world: int):
 
 
 def init_distributed(timeout_minutes: float = 30.0):
-    """(rank, world, device): torchrun's process group (NCCL on GPU, gloo on CPU), or a group of one (training always
-    takes the FSDP path). Collectives give up after `timeout_minutes`: a dead or hung rank stops the others."""
+    """(rank, world, device): torchrun's process group (NCCL on GPU, gloo on CPU), or a group of one, so the same
+    collectives run in one process. They give up after `timeout_minutes`: a dead or hung rank stops the others."""
     import datetime
     cuda = torch.cuda.is_available()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
