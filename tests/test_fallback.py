@@ -45,6 +45,18 @@ def test_self_test_flags_are_on_help_and_default_on(capsys):
     assert set(FLAGS) == set(ssd.FAST_PATHS) and set(FLAGS) <= ssd.RESUMABLE_CHANGES
 
 
+def test_self_test_stops_when_a_check_breaks_the_cuda_context(monkeypatch):
+    """A check whose kernel faulted leaves the CUDA context unusable (stood in by a synchronize that raises): no
+    fall-back, the run stops with one line naming the path and the flag that skips it."""
+    def fault(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(ssd, "check_sampler", fault)
+    monkeypatch.setattr(torch.cuda, "synchronize", fault)
+    with pytest.raises(ssd.SSDError, match=r"^fast path fused_sampler broke the CUDA context in its self-test \(CUDA "
+                       r"error: an illegal memory access was encountered\); rerun with --no-fused_sampler$"):
+        ssd.self_test(torch.device("cuda"), dict.fromkeys(FLAGS, False) | {"fused_sampler": True})
+
+
 def exactly_k(logits, **kw):
     """A plausible kernel bug: top-k keeps exactly k tokens (torch.topk), dropping ties with the k-th."""
     k = kw["top_k"]
