@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ssd_kernels import fast_paths
+from ssd_kernels.fast_paths import FAST_PATH_DEVICES, FAST_PATH_STATUS, FAST_PATHS, call_fast, fall_back
 from ssd_kernels.paged_attention import check_paged_attention, paged_decode_attention, paged_decode_attention_reference
 from ssd_kernels.sampling import check_sampler, check_sampling_args, sample_next_token, sample_next_token_reference
 
@@ -101,35 +103,6 @@ class Config:
     grouped_mm: bool = True  # one F.grouped_mm for all MoE experts in bf16 (off: a loop over the experts)
     dist_timeout: float = 30.0  # minutes a rank waits for the others at a collective before the run stops
     preflight: bool = False  # check this GPU machine (self-tests, CUDA tests, benchmarks, a training step) and exit
-
-
-# The fast paths in use: the flags above, less any that failed its self-test or, detectably, later in the run.
-FAST_PATHS = dict.fromkeys(("fused_sampler", "paged_attention", "cuda_graphs", "flash_varlen", "grouped_mm"), True)
-FAST_PATH_DEVICES = ("cuda",)  # the device types that have them; every other device runs the torch references
-FAST_PATH_STATUS = {}  # path -> "ok", "off (why)" or "fell back (error)": what self_test found, and any fall-back since
-
-
-def fall_back(name: str, error: BaseException, when: str = "during the run"):
-    """Turn fast path `name` off for the rest of the run, with one warning line naming it and the error."""
-    FAST_PATHS[name] = False
-    if not FAST_PATH_STATUS.get(name, "").startswith("fell back"):
-        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
-        FAST_PATH_STATUS[name] = f"fell back ({reason})"
-        print(f"warning: fast path {name} failed {when} ({reason}); its torch reference replaces it for the rest of "
-              f"the run (--no-{name} skips it)", file=sys.stderr, flush=True)
-
-
-def call_fast(name: str, fast, reference, *args, **kwargs):
-    """`fast` while FAST_PATHS[name] is on, else `reference`. Triton raises its errors (out of resources, a failed
-    compile) on the host before anything is launched, so the reference can take over at once, safely."""
-    if FAST_PATHS[name]:
-        try:
-            return fast(*args, **kwargs)
-        except Exception as e:
-            if not type(e).__module__.startswith("triton"):
-                raise
-            fall_back(name, e)
-    return reference(*args, **kwargs)
 
 
 def parse_args(argv=None) -> Config:
@@ -1107,97 +1080,23 @@ def generate(model: Transformer, prompts: list, *, max_new_tokens: int, num_samp
     return results
 
 
-# Self-test of the fast paths: each runs once on a small input against its torch reference, before any weights load.
-
-def agree(name: str, run, tol: float):
-    """The tensors run() returns with fast path `name` on must match those with it off (its reference)."""
-    FAST_PATHS[name] = True
-    fast = run()
-    if not FAST_PATHS[name]:
-        raise RuntimeError(f"{name} fell back while it ran")  # its warning named the error
-    FAST_PATHS[name] = False
-    reference = run()
-    FAST_PATHS[name] = True
-    for a, b in zip(fast, reference, strict=True):
-        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
-
-
-def check_graphs(device):
-    """Decode windows of a tiny random model replayed from CUDA graphs (padding rows, several batch sizes, refills,
-    rows ending early) against the same steps launched one by one: the same tokens."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = Transformer(model_config_from_hf(dict(
-            model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256))).to(device)
-        model.model.embed_tokens.weight.data.mul_(0.2)  # tied head: logits spread enough for the draws to vary
-        prompts = [torch.randint(0, 256, (n,)).tolist() for n in (3, 17, 40, 9, 25, 1, 33)]
-    kw = dict(max_new_tokens=20, num_samples=2, temperature=1.0, seed=1, batch_size=5, block_size=16,
-              cache_tokens=10 * 16, eos_token_ids=list(range(24)), progress=False)  # small: it preempts too
-    agree("cuda_graphs", lambda: [torch.tensor(c.tokens) for cs in generate(model, prompts, **kw) for c in cs], 0)
-
-
-def check_varlen_and_grouped_mm(device, name: str):
-    """Packed bf16 rows through flash attention's varlen kernel (with GQA) against one SDPA per sequence, or MoE
-    experts through F.grouped_mm against the loop over experts (some get no token): outputs and gradients."""
-    from types import SimpleNamespace
-    g = torch.Generator(device).manual_seed(0)
-    moe = MoE(SimpleNamespace(hidden_size=64, num_experts=16, experts_per_token=2, moe_intermediate_size=32,
-                              norm_topk_prob=True)).to(device, torch.bfloat16)
-    for p in moe.parameters():
-        p.data.normal_(0, 0.2, generator=g)
-    lens = [1, 37, 128, 90]
-    docs = Documents(F.pad(torch.tensor(lens).cumsum(0), (1, 0)).to(device, torch.int32), lens)
-    qkv = [torch.randn(1, sum(lens), h, 64, generator=g, device=device, dtype=torch.bfloat16) for h in (8, 2, 2)]
-
-    def run():
-        leaves = [t.clone().requires_grad_() for t in ([qkv[0][:, :6, 0]] if name == "grouped_mm" else qkv)]
-        y = moe(*leaves) if name == "grouped_mm" else document_attention(*leaves, docs)
-        weights = [moe.gate_up_proj, moe.down_proj] if name == "grouped_mm" else []
-        return [y, *torch.autograd.grad(y.float().square().sum(), leaves + weights)]
-    agree(name, run, 5e-2)
-
-
 def self_test(device, enabled: dict, model_path: str = "", sampling=()) -> dict:
-    """Check the fast paths `enabled` allows and the device has; set FAST_PATHS and return each one's status. The
-    sampler also checks the run's (T, top-k, top-p, min-p) `sampling`, the paged kernel the model's head shape (else
-    Qwen3-4B's). One that fails on any rank is off on every rank."""
+    """The fast paths' startup self-test (ssd_kernels/fast_paths.py), before any weights load: set FAST_PATHS and
+    return each one's status. The sampler also checks the run's (T, top-k, top-p, min-p) `sampling`, the paged kernel
+    the model's head shape (else Qwen3-4B's). One that fails on any rank is off on every rank."""
     config = Path(model_path) / "config.json"
     mcfg = model_config_from_hf(json.loads(config.read_text())) if model_path and config.is_file() else None
     heads = (mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim) if mcfg else (32, 8, 128)
+    model_parts = MoE, document_attention, Documents
     checks = dict(fused_sampler=lambda: check_sampler(sample_next_token, device, extra=sampling),
                   paged_attention=lambda: check_paged_attention(paged_decode_attention, device, *heads, KV_BLOCK),
-                  cuda_graphs=lambda: check_graphs(device), flash_varlen=lambda: check_varlen_and_grouped_mm(
-                      device, "flash_varlen"), grouped_mm=lambda: check_varlen_and_grouped_mm(device, "grouped_mm"))
-    status = FAST_PATH_STATUS
-    status.clear()
-    for name, check in checks.items():
-        FAST_PATHS[name] = bool(enabled[name])
-        if not FAST_PATHS[name] or device.type not in FAST_PATH_DEVICES:
-            status[name] = "off (flag)" if not FAST_PATHS[name] else f"off ({device.type})"
-        elif name == "cuda_graphs" and not (FAST_PATHS["fused_sampler"] and FAST_PATHS["paged_attention"]):
-            FAST_PATHS[name], status[name] = False, "off (its references sync with the host)"
-        else:
-            try:
-                check()
-                status[name] = "ok"
-            except Exception as e:
-                if device.type == "cuda":  # a kernel that faulted leaves the context broken: stop, don't fall back
-                    try:
-                        torch.cuda.synchronize(device)
-                    except Exception:
-                        raise SSDError(f"fast path {name} broke the CUDA context in its self-test ({e}); rerun with "
-                                       f"--no-{name}") from None
-                fall_back(name, e, "its self-test")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # give back what the checks took: the KV pool is sized from the free memory
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        on = torch.tensor([FAST_PATHS[n] for n in checks], dtype=torch.int32, device=device)
-        dist.all_reduce(on, op=dist.ReduceOp.MIN)
-        for name, ok in zip(checks, on.tolist()):
-            if FAST_PATHS[name] and not ok:
-                FAST_PATHS[name], status[name] = False, "fell back (on another rank)"
-    return dict(status)
+                  cuda_graphs=lambda: fast_paths.check_graphs(device, Transformer, model_config_from_hf, generate),
+                  flash_varlen=lambda: fast_paths.check_varlen_and_grouped_mm(device, "flash_varlen", *model_parts),
+                  grouped_mm=lambda: fast_paths.check_varlen_and_grouped_mm(device, "grouped_mm", *model_parts))
+    try:
+        return fast_paths.self_test(device, enabled, checks)
+    except fast_paths.CudaContextBroken as e:
+        raise SSDError(str(e)) from None
 
 
 # ---------------------------------------------------------------- SSD data phase --------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ssd
-from ssd_kernels import check_paged_attention, check_sampler, paged_decode_attention_reference
+from ssd_kernels import check_paged_attention, check_sampler, fast_paths, paged_decode_attention_reference
 from ssd_kernels import sample_next_token_reference as reference_sampler
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,9 +21,12 @@ FLAGS = ("fused_sampler", "paged_attention", "cuda_graphs", "flash_varlen", "gro
 
 @pytest.fixture(autouse=True)
 def fresh_paths(monkeypatch):
-    """Every test starts from the defaults and leaves them as they were."""
-    monkeypatch.setattr(ssd, "FAST_PATHS", dict.fromkeys(FLAGS, True))
-    monkeypatch.setattr(ssd, "FAST_PATH_STATUS", {})
+    """Every test starts from the defaults and leaves them as they were: in fast_paths, whose functions read them,
+    and in ssd, whose model and engine read the names it imported from there."""
+    paths, status = dict.fromkeys(FLAGS, True), {}
+    for module in (fast_paths, ssd):
+        monkeypatch.setattr(module, "FAST_PATHS", paths)
+        monkeypatch.setattr(module, "FAST_PATH_STATUS", status)
 
 
 def test_self_test_on_cpu_reports_paths_off():
@@ -40,6 +43,18 @@ def test_self_test_flags_are_on_help_and_default_on(capsys):
         assert f"--{name}" in text
     assert all(getattr(ssd.Config(), name) for name in FLAGS) and not ssd.Config().preflight
     assert set(FLAGS) == set(ssd.FAST_PATHS) and set(FLAGS) <= ssd.RESUMABLE_CHANGES
+
+
+def test_self_test_stops_when_a_check_breaks_the_cuda_context(monkeypatch):
+    """A check whose kernel faulted leaves the CUDA context unusable (stood in by a synchronize that raises): no
+    fall-back, the run stops with one line naming the path and the flag that skips it."""
+    def fault(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(ssd, "check_sampler", fault)
+    monkeypatch.setattr(torch.cuda, "synchronize", fault)
+    with pytest.raises(ssd.SSDError, match=r"^fast path fused_sampler broke the CUDA context in its self-test \(CUDA "
+                       r"error: an illegal memory access was encountered\); rerun with --no-fused_sampler$"):
+        ssd.self_test(torch.device("cuda"), dict.fromkeys(FLAGS, False) | {"fused_sampler": True})
 
 
 def exactly_k(logits, **kw):
@@ -66,6 +81,19 @@ def test_self_test_paged_attention_check_catches_an_off_by_one():
     short = lambda q, k, v, t, lens: paged_decode_attention_reference(q, k, v, t, (lens - 1).clamp(min=0))  # noqa
     with pytest.raises(AssertionError, match="differs from the reference"):
         check_paged_attention(short, "cpu", 4, 2, 16, 16)
+
+
+def test_self_test_of_varlen_and_grouped_mm_runs_ssds_model_code():
+    """The startup checks of flash_varlen and grouped_mm with ssd's MoE, document_attention and Documents, on CPU
+    (where both runs of each take the reference): they pass, and fail an attention that is 20% off with its path on."""
+    parts = ssd.MoE, ssd.document_attention, ssd.Documents
+    for name in ("flash_varlen", "grouped_mm"):
+        fast_paths.check_varlen_and_grouped_mm("cpu", name, *parts)
+
+    def off_when_fast(q, k, v, docs):
+        return ssd.document_attention(q, k, v, docs) * (1.2 if fast_paths.FAST_PATHS["flash_varlen"] else 1)
+    with pytest.raises(AssertionError, match="Mismatch"):
+        fast_paths.check_varlen_and_grouped_mm("cpu", "flash_varlen", ssd.MoE, off_when_fast, ssd.Documents)
 
 
 def test_self_test_passes_the_triton_kernels_under_the_interpreter():
@@ -103,7 +131,8 @@ def test_fallback_of_a_sampler_that_fails_its_self_test(tiny_model_dir, prompts_
     """A fused sampler drawing wrong tokens is caught at startup: one warning line naming it and the error, the
     reference for the whole run (the samples equal a --no-fused_sampler run's), the status in ssd_config.json."""
     reference = sample_run(tiny_model_dir, prompts_path, tmp_path / "reference", "--no-fused_sampler")
-    monkeypatch.setattr(ssd, "FAST_PATH_DEVICES", ("cuda", "cpu"))  # as if this CPU had the fast paths
+    for module in (fast_paths, ssd):  # as if this CPU had the fast paths: for the self-test and for the engine
+        monkeypatch.setattr(module, "FAST_PATH_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(ssd, "sample_next_token", wrong_tokens)
     capsys.readouterr()
     assert sample_run(tiny_model_dir, prompts_path, tmp_path / "fell-back") == reference

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import ssd
-from ssd_kernels import paged_decode_attention_reference, sample_next_token_reference
+from ssd_kernels import fast_paths, paged_decode_attention_reference, sample_next_token_reference
 from ssd_kernels.sampling import inverse_temperature, race_keys, row_keys
 
 aten = torch.ops.aten
@@ -189,6 +189,18 @@ def test_graphed_generate_equals_eager_with_preemption_and_refills(tiny, cuda_gr
     lengths = {len(c.tokens) for row in graphed for c in row}
     assert stats["preemptions"] > 0 and len(lengths) > 5 and len(made) == 1
     assert len(made[0].graphs) >= 4, sorted(made[0].graphs)  # several buckets captured, each replayed
+
+
+def test_self_test_of_cuda_graphs_catches_a_replay_that_runs_nothing(cuda_graph_standin, sync_free, monkeypatch):
+    """The startup check of cuda_graphs (fast_paths.check_graphs, with ssd's model and generate) under the stand-in:
+    the graphed decode passes against eager; a replay that reruns nothing (each step repeats the captured tokens)
+    fails it."""
+    check = functools.partial(fast_paths.check_graphs, "cpu", ssd.Transformer, ssd.model_config_from_hf, ssd.generate)
+    check()
+    assert len(cuda_graph_standin) > 1 and ssd.FAST_PATHS["cuda_graphs"]  # it captured graphs of several sizes
+    monkeypatch.setattr(RecordedGraph, "replay", lambda self: None)
+    with pytest.raises(AssertionError):  # assert_close: the completions' lengths or tokens differ
+        check()
 
 
 @torch.no_grad()
