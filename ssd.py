@@ -780,10 +780,10 @@ def prefill(model: Transformer, cache: PagedKV, groups: list) -> torch.Tensor:
     return h[ends]
 
 
-def copy_rows(cache: PagedKV, tables, length: int, space: list) -> tuple:
-    """Each row's first `length` tokens of keys and values, copied out of its blocks `tables` (B, W) by one gather
-    per pool into `space`, two flat buffers kept from window to window (fresh pages cost several times the copy):
-    (keys, values), each (layers, B, kv_heads, length, head_dim)."""
+def copy_rows(cache: PagedKV, tables, space: list) -> tuple:
+    """The keys and values of each row's blocks `tables` (B, W), copied out by one gather per pool into `space`, two
+    flat buffers kept from window to window (fresh pages cost several times the copy): (keys, values), each
+    (layers, B, kv_heads, W * block_size, head_dim)."""
     layers, n_blocks, kv_heads, bs, dim = cache.k.shape
     heads = torch.arange(kv_heads, device=tables.device)
     index = (tables.long()[:, None, :] * kv_heads + heads[None, :, None]).flatten()  # (block, kv head) pairs in order
@@ -794,7 +794,7 @@ def copy_rows(cache: PagedKV, tables, length: int, space: list) -> tuple:
     for pool, buffer in zip((cache.k, cache.v), space):
         out = buffer[:size].view(layers, len(index), bs, dim)
         torch.index_select(pool.view(layers, n_blocks * kv_heads, bs, dim), 1, index, out=out)
-        rows.append(out.view(layers, len(tables), kv_heads, -1, dim)[:, :, :, :length])
+        rows.append(out.view(layers, len(tables), kv_heads, -1, dim))
     return tuple(rows)
 
 
@@ -894,7 +894,7 @@ class Engine:
         shape = (cfg.num_layers, cache_tokens // block_size + 1, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.cache = PagedKV(*(torch.zeros(shape, device=w.device, dtype=w.dtype) for _ in "kv"))
         self.pool, self.queue, self.running = BlockPool(shape[1]), deque(), []
-        self.row_space = [self.cache.k.new_empty(0)] * 2  # copy_rows' buffers
+        self.row_space, self.copied = [self.cache.k.new_empty(0)] * 2, ([], None)  # copy_rows' buffers; their rows
         self.stats = dict(decode_steps=0, rows=0, peak_rows=0, preemptions=0, prefill_tokens=0, tokens=0)
         cache = self.cache  # not self: a cycle through the engine would keep the pool alive until gc runs
 
@@ -987,6 +987,15 @@ class Engine:
         for seq in self.running:
             seq.blocks += self.pool.take(need(seq))
 
+    def row_copy(self, tables, length: int) -> tuple:
+        """CPU: the running rows' keys and values, contiguous, up to `length` tokens: the last window's copy while the
+        same rows run on within its size (its steps wrote their new keys into it), else a fresh one (copy_rows)."""
+        seqs, copy = self.copied
+        if len(seqs) != len(self.running) or any(a is not b for a, b in zip(seqs, self.running)) \
+                or copy[0].shape[3] < length:
+            self.copied = seqs, copy = list(self.running), copy_rows(self.cache, tables, self.row_space)
+        return tuple(t[:, :, :, :length] for t in copy)
+
     def decode_window(self):
         """Decode up to RETIRE_EVERY steps of every running row on the device without looking, then append what
         each drew; rows that ended are retired, the others run on. Needs reserve_or_preempt() first."""
@@ -998,8 +1007,8 @@ class Engine:
         # a window may run past a row's blocks into block 0: widen the table to cover it
         tables = F.pad(tables, (0, max(0, -(-(max(positions) + steps) // bs) - widest)))
         tables = tables.to(device)
-        if device.type not in FAST_PATH_DEVICES:  # no paged kernel (CPU): copy the rows once for the whole window
-            self.cache.rows = copy_rows(self.cache, tables, max(positions) + steps, self.row_space)
+        if device.type not in FAST_PATH_DEVICES:  # no paged kernel (CPU): attend over contiguous copies of the rows
+            self.cache.rows = self.row_copy(tables, max(positions) + steps)
         out = self.decode(torch.tensor([s.tokens[-1] for s in rows], device=device),
                           torch.tensor(positions, device=device), tables,
                           torch.tensor([s.seq_id for s in rows], device=device), steps).T.tolist()

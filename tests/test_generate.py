@@ -86,7 +86,7 @@ def decode(model, cache, tokens, positions, blocks, window=False):
     copy of the rows' blocks (copy_rows), as a decode window without the paged kernel does."""
     tables = torch.tensor([b + [0] * (max(map(len, blocks)) - len(b)) for b in blocks], dtype=torch.int32)
     if window:
-        cache.rows = ssd.copy_rows(cache, tables, max(positions) + 1, [torch.empty(0)] * 2)
+        cache.rows = ssd.copy_rows(cache, tables, [torch.empty(0)] * 2)  # every slot: the rest is masked
     return ssd.decode_step(model, cache, lambda logits, *_: logits, torch.tensor(tokens), torch.tensor(positions),
                            tables, torch.zeros(len(tokens), dtype=torch.long))
 
