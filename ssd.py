@@ -9,6 +9,7 @@ checkpoint I/O -> paged sampling engine -> SSD data phase -> training -> main. U
 """
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -789,7 +790,8 @@ def copy_rows(cache: PagedKV, tables, space: list) -> tuple:
     index = (tables.long()[:, None, :] * kv_heads + heads[None, :, None]).flatten()  # (block, kv head) pairs in order
     size = layers * len(index) * bs * dim
     if space[0].numel() < size:
-        space[:] = [cache.k.new_empty(size) for _ in "kv"]
+        space[:] = []  # the old buffers go before the new ones come
+        space += [cache.k.new_empty(size) for _ in "kv"]
     rows = []
     for pool, buffer in zip((cache.k, cache.v), space):
         out = buffer[:size].view(layers, len(index), bs, dim)
@@ -990,11 +992,12 @@ class Engine:
     def row_copy(self, tables, length: int) -> tuple:
         """CPU: the running rows' keys and values, contiguous, up to `length` tokens: the last window's copy while the
         same rows run on within its size (its steps wrote their new keys into it), else a fresh one (copy_rows)."""
-        seqs, copy = self.copied
+        seqs = self.copied[0]
         if len(seqs) != len(self.running) or any(a is not b for a, b in zip(seqs, self.running)) \
-                or copy[0].shape[3] < length:
-            self.copied = seqs, copy = list(self.running), copy_rows(self.cache, tables, self.row_space)
-        return tuple(t[:, :, :, :length] for t in copy)
+                or self.copied[1][0].shape[3] < length:
+            self.copied = [], None  # let the old copy go first: copy_rows may need larger buffers
+            self.copied = list(self.running), copy_rows(self.cache, tables, self.row_space)
+        return tuple(t[:, :, :, :length] for t in self.copied[1])
 
     def decode_window(self):
         """Decode up to RETIRE_EVERY steps of every running row on the device without looking, then append what
@@ -1265,6 +1268,7 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
                      min_p=cfg.min_p, seed=seed, prompt_ids=todo, batch_size=cfg.generation_batch_size,
                      cache_tokens=cfg.cache_tokens, progress=rank == 0, on_finish=write)
     del model
+    gc.collect()  # an import inside load_model can leave its frame, and so the model, in a cycle until gc runs
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the sampling weights and KV cache back before training loads fp32 weights
     barrier(long_wait=True)  # the other ranks may still be sampling
@@ -1548,8 +1552,6 @@ def save_trained(model: Transformer, tokenizer, work: Path, rank: int, cfg: Conf
 
 def train_phase(cfg: Config, model_path: str, seqs: list, work: Path, rank: int, world: int, device):
     """Fine-tune on (ids, prompt length) sequences with a token-mean cross-entropy, then save the model to `work`."""
-    import gc
-
     from tqdm import tqdm
     lengths = [len(ids) for ids, _ in seqs]
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
