@@ -1784,6 +1784,7 @@ def main(argv=None):
             if not torch.cuda.is_available():
                 raise SSDError("--preflight checks a GPU machine, and this one has no CUDA device")
             import runpy
+            sys.modules.setdefault("ssd", sys.modules[__name__])  # its `import ssd` is this module, not a 2nd copy
             sys.exit(runpy.run_path(str(Path(__file__).resolve().parent / "bench" / "preflight.py"))["main"](cfg))
         run(cfg)
     except SSDError as e:
