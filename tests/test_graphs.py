@@ -242,7 +242,8 @@ def test_default_cache_tokens_on_cuda_fills_80_percent_of_free_memory(tiny, monk
 
 def test_fsdp_bf16_compute_keeps_fp32_master_weights(tiny_model_dir):
     """shard_model's CUDA branch (its device is used for that choice only, so a stand-in with type "cuda" takes it
-    on CPU): FSDP2 computes in bf16 from fp32 master weights and hands back fp32 gradients, close to fp32 training's."""
+    on CPU): FSDP2 computes in bf16 from fp32 master weights and hands back fp32 gradients, close to fp32 training's
+    (one CPU rank: the plain model, which FSDP does not wrap)."""
     from types import SimpleNamespace
 
     from test_train import tiny_seqs
@@ -258,8 +259,9 @@ def test_fsdp_bf16_compute_keeps_fp32_master_weights(tiny_model_dir):
             loss = model(inputs, positions, docs, targets=targets)
             loss.backward()
             params = list(model.parameters())
-            assert all(p.to_local().dtype == torch.float32 and p.grad.to_local().dtype == torch.float32 for p in params)
-            results.append((seen[0], loss.item(), [p.grad.full_tensor() for p in params]))
+            local = [(ssd.local_shard(p)[0], ssd.local_shard(p.grad)[0]) for p in params]  # one rank: whole
+            assert all(w.dtype == torch.float32 and g.dtype == torch.float32 for w, g in local)
+            results.append((seen[0], loss.item(), [g for _, g in local]))
         (bf16_dtype, bf16_loss, bf16_grads), (fp32_dtype, fp32_loss, fp32_grads) = results
         assert (bf16_dtype, fp32_dtype) == (torch.bfloat16, torch.float32)
         assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2) and bf16_loss != fp32_loss
