@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ssd_kernels import fast_paths
-from ssd_kernels.fast_paths import FAST_PATH_DEVICES, FAST_PATH_STATUS, FAST_PATHS, call_fast, fall_back
+from ssd_kernels.cuda_graphs import GraphedDecode, eager_decode
+from ssd_kernels.fast_paths import FAST_PATH_DEVICES, FAST_PATH_STATUS, FAST_PATHS, call_fast
 from ssd_kernels.paged_attention import check_paged_attention, paged_decode_attention, paged_decode_attention_reference
 from ssd_kernels.sampling import check_sampler, check_sampling_args, sample_next_token, sample_next_token_reference
 
@@ -711,7 +712,6 @@ def save_lora(model: Transformer, tokenizer, out_dir, state_dict: dict, cfg: Con
 KV_BLOCK = 256  # tokens per block of the paged KV cache
 PREFILL_TOKENS = 16384  # tokens per prefill forward: bounds the activations of admitting many prompts
 RETIRE_EVERY = 8  # decode steps the device runs between two looks of the host (retire, refill, grow, preempt)
-GRAPH_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # CUDA: a decode batch is padded up to one of these (or to rows)
 
 
 class Completion(typing.NamedTuple):
@@ -807,69 +807,6 @@ def decode_step(model: Transformer, cache: PagedKV, draw, tokens, positions, tab
     cache.blocks, cache.offsets = tables.gather(1, (positions // bs)[:, None])[:, 0], positions % bs
     logits = model(tokens[:, None], positions[:, None], cache)[:, -1]
     return draw(logits, seq_ids, positions + 1)
-
-
-class GraphedDecode:
-    """CUDA: the decode step captured once per padded batch size as a CUDA graph, then replayed: a step launches one
-    graph instead of hundreds of kernels from Python. Inputs live in static buffers; padding rows point at block 0."""
-
-    def __init__(self, step, width: int, rows: int, device):
-        self.step, self.width, self.device, self.graphs, self.pool = step, width, device, {}, None
-        self.sizes = sorted({s for s in GRAPH_BATCHES if s < rows} | {rows})
-        self.eager = eager_decode(step)
-
-    def __call__(self, tokens, positions, tables, seq_ids, steps: int) -> torch.Tensor:
-        n = len(tokens)
-        size = next(s for s in self.sizes if s >= n)
-        if size not in self.graphs and FAST_PATHS["cuda_graphs"]:
-            try:
-                self.capture(size)
-            except Exception as e:  # nothing ran in the capture: the eager steps start from the same state
-                fall_back("cuda_graphs", e, f"to capture a decode graph of {size} rows")
-        if not FAST_PATHS["cuda_graphs"]:
-            return self.eager(tokens, positions, tables, seq_ids, steps)
-        graph, buf = self.graphs[size]
-        for name, value in (("tokens", tokens), ("positions", positions), ("seq_ids", seq_ids)):
-            buf[name].zero_()
-            buf[name][:n] = value
-        buf["tables"].zero_()
-        buf["tables"][:n, :tables.shape[1]] = tables
-        out = torch.empty(steps, n, dtype=torch.long, device=self.device)
-        for s in range(steps):
-            graph.replay()
-            out[s] = buf["tokens"][:n]
-        return out
-
-    def capture(self, size: int):
-        buf = {name: torch.zeros(size, dtype=torch.long, device=self.device) for name in ("tokens", "positions",
-                                                                                           "seq_ids")}
-        buf["tables"] = torch.zeros(size, self.width, dtype=torch.int32, device=self.device)
-
-        def body():
-            buf["tokens"].copy_(self.step(buf["tokens"], buf["positions"], buf["tables"], buf["seq_ids"]))
-            buf["positions"].add_(1)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm up outside the capture: Triton compiles, workspaces are allocated
-            body()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            body()
-        self.pool = graph.pool()  # every batch size's graph shares one memory pool
-        self.graphs[size] = (graph, buf)
-
-
-def eager_decode(step):
-    """CPU (and anywhere without CUDA graphs): the same steps, launched from Python."""
-    def run(tokens, positions, tables, seq_ids, steps: int) -> torch.Tensor:
-        out = []
-        for _ in range(steps):
-            tokens = step(tokens, positions, tables, seq_ids)
-            positions = positions + 1
-            out.append(tokens)
-        return torch.stack(out)
-    return run
 
 
 class Engine:

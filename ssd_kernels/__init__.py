@@ -1,5 +1,6 @@
 """ssd's kernels: `sample_next_token` and paged decode attention (Triton on CUDA, torch reference elsewhere), and
-`fast_paths`: which CUDA-only paths are in use, their startup self-test and their fall-back to the references.
+`cuda_graphs` (decode steps replayed as CUDA graphs, beside the eager loop), and `fast_paths`: which CUDA-only paths
+are in use, their startup self-test and their fall-back to the references.
 
 Not named `kernels`: that is Hugging Face's PyPI package, which transformers imports, and a folder of that name at the
 repository root would shadow it.
