@@ -310,16 +310,21 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, -1))
 
 
-def row_attention(q, new_k, new_v, cache: PagedKV, layer: int) -> torch.Tensor:
+def row_attention(q, new_k, new_v, cache: PagedKV, layer: int, chunk: int = 8) -> torch.Tensor:
     """One query per row (B, heads, head_dim) over its contiguous keys and values in `cache.rows`, after writing the
-    new token's there at position lens - 1; slots past a row's length are masked by position, never by value."""
+    new token's there at position lens - 1; slots past a row's length are masked by position, never by value. Each
+    `chunk` rows attend only up to their longest (decode_window puts the rows longest first, so the short ones do
+    not pay for the longest one's keys; a host read of the lengths is free on CPU, the only device this runs on)."""
     keys, values = cache.rows[0][layer], cache.rows[1][layer]  # (B, kv_heads, tokens, head_dim)
     rows, last = torch.arange(len(q), device=q.device), cache.lens - 1
     keys[rows, :, last], values[rows, :, last] = new_k, new_v
-    inside = torch.arange(keys.shape[2], device=q.device) < cache.lens[:, None]
-    y = F.scaled_dot_product_attention(q.unflatten(1, (keys.shape[1], -1)), keys, values,
-                                       attn_mask=inside[:, None, None, :])
-    return y.flatten(1, 2)
+    q, lens, ys = q.unflatten(1, (keys.shape[1], -1)), cache.lens.tolist(), []
+    for a in range(0, len(q), chunk):
+        n, b = max(lens[a:a + chunk]), a + chunk
+        inside = torch.arange(n, device=q.device) < cache.lens[a:b, None]
+        ys.append(F.scaled_dot_product_attention(q[a:b], keys[a:b, :, :n], values[a:b, :, :n],
+                                                 attn_mask=inside[:, None, None, :]))
+    return torch.cat(ys).flatten(1, 2)
 
 
 class MLP(nn.Module):
@@ -939,6 +944,7 @@ class Engine:
     def decode_window(self):
         """Decode up to RETIRE_EVERY steps of every running row on the device without looking, then append what
         each drew; rows that ended are retired, the others run on. Needs reserve_or_preempt() first."""
+        self.running.sort(key=lambda s: -len(s.tokens))  # longest first: see row_attention (stable: the order holds)
         rows, bs, device = self.running, self.block_size, self.device
         steps = min(RETIRE_EVERY, max(self.max_new_tokens - len(s.tokens) + s.n_prompt for s in rows))
         widest = max(len(s.blocks) for s in rows)
