@@ -1485,7 +1485,7 @@ def save_trained(model: Transformer, tokenizer, work: Path, rank: int, cfg: Conf
     for name, p in model.named_parameters():
         if adapter_only and ".lora_" not in name:
             continue  # the same on every rank: no collective is skipped by some only
-        gathered = p.full_tensor() if hasattr(p, "full_tensor") else p
+        gathered = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()  # save_lora merges in place
         if rank == 0:
             full[name] = gathered.to(device="cpu", dtype=torch.float32 if ".lora_" in name else dtype)
     if rank == 0:
