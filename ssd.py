@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ssd_kernels import fast_paths
 from ssd_kernels.cuda_graphs import GraphedDecode, eager_decode
-from ssd_kernels.fast_paths import FAST_PATH_DEVICES, FAST_PATH_STATUS, FAST_PATHS, call_fast
+from ssd_kernels.fast_paths import FAST_PATH_STATUS, FAST_PATHS, call_fast
 from ssd_kernels.paged_attention import check_paged_attention, paged_decode_attention, paged_decode_attention_reference
 from ssd_kernels.sampling import check_sampler, check_sampling_args, sample_next_token, sample_next_token_reference
 
@@ -845,7 +845,7 @@ class Engine:
         def step(*state):
             return decode_step(model, cache, draw, *state)
         width = -(-(length + RETIRE_EVERY) // block_size)  # a row's table: its length and a window past its end
-        graphs = FAST_PATHS["cuda_graphs"] and w.device.type in FAST_PATH_DEVICES
+        graphs = FAST_PATHS["cuda_graphs"] and w.device.type in fast_paths.FAST_PATH_DEVICES
         self.decode = GraphedDecode(step, width, rows, w.device) if graphs else eager_decode(step)
 
     def blocks_needed(self, n_tokens: int, n_prompt: int) -> int:
@@ -953,7 +953,7 @@ class Engine:
         # a window may run past a row's blocks into block 0: widen the table to cover it
         tables = F.pad(tables, (0, max(0, -(-(max(positions) + steps) // bs) - widest)))
         tables = tables.to(device)
-        if device.type not in FAST_PATH_DEVICES:  # no paged kernel (CPU): attend over contiguous copies of the rows
+        if device.type not in fast_paths.FAST_PATH_DEVICES:  # no paged kernel (CPU): attend over copies of the rows
             self.cache.rows = self.row_copy(tables, max(positions) + steps)
         out = self.decode(torch.tensor([s.tokens[-1] for s in rows], device=device),
                           torch.tensor(positions, device=device), tables,

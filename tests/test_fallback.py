@@ -20,13 +20,16 @@ FLAGS = ("fused_sampler", "paged_attention", "cuda_graphs", "flash_varlen", "gro
 
 
 @pytest.fixture(autouse=True)
-def fresh_paths(monkeypatch):
-    """Every test starts from the defaults and leaves them as they were: in fast_paths, whose functions read them,
-    and in ssd, whose model and engine read the names it imported from there."""
-    paths, status = dict.fromkeys(FLAGS, True), {}
-    for module in (fast_paths, ssd):
-        monkeypatch.setattr(module, "FAST_PATHS", paths)
-        monkeypatch.setattr(module, "FAST_PATH_STATUS", status)
+def fresh_paths():
+    """Every test starts from the defaults and leaves them as they were, in the registry's own dicts, which every
+    module that reads them shares."""
+    saved = dict(fast_paths.FAST_PATHS), dict(fast_paths.FAST_PATH_STATUS)
+    fast_paths.FAST_PATHS.update(dict.fromkeys(FLAGS, True))
+    fast_paths.FAST_PATH_STATUS.clear()
+    yield
+    fast_paths.FAST_PATHS.update(saved[0])
+    fast_paths.FAST_PATH_STATUS.clear()
+    fast_paths.FAST_PATH_STATUS.update(saved[1])
 
 
 def test_self_test_on_cpu_reports_paths_off():
@@ -131,8 +134,7 @@ def test_fallback_of_a_sampler_that_fails_its_self_test(tiny_model_dir, prompts_
     """A fused sampler drawing wrong tokens is caught at startup: one warning line naming it and the error, the
     reference for the whole run (the samples equal a --no-fused_sampler run's), the status in ssd_config.json."""
     reference = sample_run(tiny_model_dir, prompts_path, tmp_path / "reference", "--no-fused_sampler")
-    for module in (fast_paths, ssd):  # as if this CPU had the fast paths: for the self-test and for the engine
-        monkeypatch.setattr(module, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fast_paths, "FAST_PATH_DEVICES", ("cuda", "cpu"))  # as if this CPU had the fast paths
     monkeypatch.setattr(ssd, "sample_next_token", wrong_tokens)
     capsys.readouterr()
     assert sample_run(tiny_model_dir, prompts_path, tmp_path / "fell-back") == reference
@@ -170,7 +172,7 @@ def test_fallback_of_a_kernel_launch_that_fails_mid_run(tiny_model_dir, monkeypa
             raise OutOfResources("out of resource: shared memory, Required: 263168, Hardware limit: 232448")
         return paged_decode_attention_reference(*args)
     monkeypatch.setattr(ssd, "paged_decode_attention", flaky)
-    monkeypatch.setattr(ssd, "FAST_PATH_DEVICES", ("cuda", "cpu"))  # as if this CPU had the paged kernel
+    monkeypatch.setattr(fast_paths, "FAST_PATH_DEVICES", ("cuda", "cpu"))  # as if this CPU had the paged kernel
     monkeypatch.setitem(ssd.FAST_PATHS, "cuda_graphs", False)  # launched step by step, as without graphs
     ssd.FAST_PATH_STATUS["paged_attention"] = "ok"
     out = ssd.generate(model, prompts, **kw)

@@ -65,7 +65,7 @@ class Stream:
 @pytest.fixture
 def cuda_graph_standin(monkeypatch):
     """GraphedDecode on CPU: torch.cuda's graph and stream API replaced by the recorder above."""
-    monkeypatch.setattr(ssd, "FAST_PATH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(fast_paths, "FAST_PATH_DEVICES", ("cuda", "cpu"))
     monkeypatch.setitem(ssd.FAST_PATHS, "cuda_graphs", True)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordedGraph)
     monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: Capture(graph))
