@@ -1211,7 +1211,7 @@ def sample_phase(cfg: Config, prompts: list, model_path: str, work: Path, rank: 
                      min_p=cfg.min_p, seed=seed, prompt_ids=todo, batch_size=cfg.generation_batch_size,
                      cache_tokens=cfg.cache_tokens, progress=rank == 0, on_finish=write)
     del model
-    gc.collect()  # an import inside load_model can leave its frame, and so the model, in a cycle until gc runs
+    gc.collect()  # what a cycle holds of the model and KV pool goes now (a first import in load_model can hold it)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the sampling weights and KV cache back before training loads fp32 weights
     barrier(long_wait=True)  # the other ranks may still be sampling
