@@ -67,12 +67,17 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Triton. The kernels are defined inside _kernels() so that importing ssd_kernels never imports triton (CPU use needs
+# Triton. The kernels are defined inside functions so that importing ssd_kernels never imports triton (CPU use needs
 # none), and so that TRITON_INTERPRET is read at first use rather than at import.
 
 
 @functools.cache
 def _kernels():
+    """(split_kernel, merge_kernel), built once."""
+    return _split_kernel(), _merge_kernel()
+
+
+def _split_kernel():
     import triton
     import triton.language as tl
 
@@ -136,6 +141,12 @@ def _kernels():
             tl.store(m_ptr + part, m_i, mask=g < G)
             tl.store(l_ptr + part, l_i, mask=g < G)
             tl.store(acc_ptr + part[:, None] * D + d[None, :], acc, mask=q_mask)
+    return split_kernel
+
+
+def _merge_kernel():
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def merge_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, stride_ob, stride_oh, H, S,
@@ -156,8 +167,7 @@ def _kernels():
         out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + row.to(tl.int64) * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty),
                  mask=d < D)
-
-    return split_kernel, merge_kernel
+    return merge_kernel
 
 
 @functools.cache
