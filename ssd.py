@@ -944,7 +944,7 @@ class Engine:
     def decode_window(self):
         """Decode up to RETIRE_EVERY steps of every running row on the device without looking, then append what
         each drew; rows that ended are retired, the others run on. Needs reserve_or_preempt() first."""
-        self.running.sort(key=lambda s: -len(s.tokens))  # longest first: see row_attention (stable: the order holds)
+        self.running.sort(key=lambda s: -len(s.tokens))  # longest first for row_attention's chunks (CPU); stable
         rows, bs, device = self.running, self.block_size, self.device
         steps = min(RETIRE_EVERY, max(self.max_new_tokens - len(s.tokens) + s.n_prompt for s in rows))
         widest = max(len(s.blocks) for s in rows)
